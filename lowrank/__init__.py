@@ -1,0 +1,31 @@
+"""lowrank: LoRA and the other low-rank adaptation methods, compared on one footing.
+
+>>> import lowrank as lr
+>>> ad = lr.make("lora", torch.nn.Linear(64, 32), rank=4)   # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from . import linalg
+from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
+from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
+from .io import AdapterFileError, load_adapters, save_adapters
+
+__all__ = [
+    "Adapter",
+    "AdapterFileError",
+    "LowRankAdapter",
+    "adapters",
+    "find_targets",
+    "inject",
+    "linalg",
+    "load_adapters",
+    "make",
+    "merge_all",
+    "register",
+    "save_adapters",
+    "strip",
+    "unmerge_all",
+    "variant_class",
+    "variants",
+]

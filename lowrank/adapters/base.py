@@ -1,0 +1,219 @@
+"""The Adapter contract and the variant registry.
+
+An :class:`Adapter` wraps one frozen ``nn.Linear`` with pretrained weight W₀ and adds a
+learned update ΔW:  y = W₀x + b + ΔW x.  Every variant defines ΔW in exactly one place,
+:meth:`Adapter.delta_weight`; forward passes may take a cheaper route (x → A → B) but must
+equal ``F.linear(x, merged_weight(), base.bias)`` in eval mode, which the test suite checks
+for every registered variant.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: add a variant to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"variant name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def variants() -> list[str]:
+    """Sorted names of every registered variant."""
+    return sorted(_REGISTRY)
+
+
+def variant_class(name: str) -> type[Adapter]:
+    """The Adapter subclass registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown variant {name!r}; choose one of: {', '.join(variants())}"
+        )
+    return _REGISTRY[name]
+
+
+def make(name: str, linear: nn.Linear, **options: Any) -> Adapter:
+    """Wrap one ``nn.Linear`` in the variant ``name`` (see ``lr.variants()``)."""
+    return variant_class(name)(linear, **options)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    # CPU generator: initialisation is reproducible across devices; tensors are moved after.
+    del device
+    return torch.Generator().manual_seed(int(seed) % (2**63))
+
+
+class Adapter(nn.Module):
+    """Base class: one frozen ``nn.Linear`` plus a learned update ΔW = ``delta_weight()``.
+
+    Parameters
+    ----------
+    base : nn.Linear
+        The pretrained layer, W₀ ∈ ℝ^{out×in}. Its parameters are frozen (except for ``full``);
+        its tensors are never modified in place except by :meth:`merge`.
+    rank : int
+        r, 1 ≤ r ≤ min(out, in).
+    alpha : float, optional
+        Scale numerator; s = alpha / r. Defaults to ``rank`` (s = 1).
+    dropout : float
+        Dropout probability on the adapter branch's input (training only).
+    seed : int
+        Seed of the adapter's own random initialisation (independent of the global RNG).
+
+    Merging folds ΔW into ``base.weight`` in place and keeps a copy of W₀, so that
+    :meth:`unmerge` restores W₀ bit for bit; the memory cost is one (out × in) tensor per
+    merged layer. :func:`lowrank.strip` merges and drops that copy.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}; "
+                "pass a Linear layer (use lr.inject to pick them out of a model)"
+            )
+        out_f, in_f = base.weight.shape
+        rank = self._check_rank(rank, out_f, in_f)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} is not in [0, 1); pass a probability")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ValueError(f"alpha={alpha!r} must be a positive number (or None for alpha=rank)")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features, self.out_features = in_f, out_f
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.seed = int(seed)
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # ----------------------------------------------------------------- construction help
+    def max_rank(self, out_f: int, in_f: int) -> int:
+        """Largest admissible rank for an (out_f × in_f) layer."""
+        return min(out_f, in_f)
+
+    def _check_rank(self, rank: int, out_f: int, in_f: int) -> int:
+        hi = self.max_rank(out_f, in_f)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hi:
+            raise ValueError(
+                f"rank={rank!r} is invalid for a {out_f}x{in_f} layer with variant "
+                f"{self.name!r}; choose an integer rank between 1 and {hi}"
+            )
+        return rank
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r."""
+        return self.alpha / self.rank
+
+    def _new(self, *shape: int) -> Tensor:
+        """An empty tensor on the base layer's device and dtype."""
+        w = self.base.weight
+        return torch.empty(*shape, dtype=w.dtype, device=w.device)
+
+    def _generator(self) -> torch.Generator:
+        return _generator(self.seed, self.base.weight.device)
+
+    def _kaiming(self, *shape: int, gen: torch.Generator) -> nn.Parameter:
+        """kaiming-uniform(a=√5), the nn.Linear default, drawn on CPU then moved."""
+        t = torch.empty(*shape, dtype=torch.float64)
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+        return nn.Parameter(t.to(self.base.weight))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor options that rebuild this adapter (saved next to its tensors)."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout_p, "seed": self.seed}
+
+    # ----------------------------------------------------------------- the maths
+    @property
+    def base_weight(self) -> Tensor:
+        """The frozen base layer's own (unmerged) weight, detached, whatever the merge state."""
+        return (self._w0_copy if self.merged else self.base.weight).detach()
+
+    @property
+    def w0(self) -> Tensor:
+        """The pretrained weight W₀ that ΔW is measured from (detached)."""
+        return self.base_weight
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = merged_weight() − W₀, shape (out, in): the single source of truth."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> Tensor:
+        """W₀ + ΔW, accumulated in at least float32 and cast once to the layer's dtype."""
+        w0 = self.w0
+        acc = torch.promote_types(w0.dtype, torch.float32)
+        return (w0.to(acc) + self.delta_weight().to(acc)).to(w0.dtype)
+
+    def penalty(self) -> Tensor:
+        """Regulariser to add to the loss (0 when the variant has none)."""
+        return self.base.weight.new_zeros(())
+
+    def num_trainable(self) -> int:
+        """Number of trainable scalars of this adapter."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------- forward
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        """ΔW x for the (already dropped-out) input; variants override with a cheaper route."""
+        return F.linear(x, self.delta_weight())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        return self.base(x) + self.adapter_forward(self.dropout(x))
+
+    # ----------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into ``base.weight`` (keeps W₀ for an exact :meth:`unmerge`). Idempotent."""
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        self.register_buffer("_w0_copy", self.base.weight.detach().clone(), persistent=False)
+        self.base.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W₀ exactly. Idempotent."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._w0_copy)
+        del self._w0_copy
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"variant={self.name!r}, in={self.in_features}, out={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+        )
+
+    # ----------------------------------------------------------------- persistence
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Tensors that, with :meth:`config`, restore this adapter on the same base layer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`adapter_state`; shapes are checked by the caller."""
+        self.load_state_dict(state, strict=False)

@@ -1,0 +1,59 @@
+"""Full fine-tuning on the same footing: W itself trains; ΔW = W − W₀ against a frozen copy of W₀."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, register
+
+
+@register
+class Full(Adapter):
+    """Full fine-tuning: ΔW = W − W₀; the layer's weight and bias train; W₀ is kept as a buffer.
+
+    ``rank`` and ``alpha`` are accepted for a uniform interface and ignored (the rank of ΔW
+    is whatever training makes it). Memory: one extra (out × in) copy of W₀.
+    """
+
+    name = "full"
+
+    def __init__(self, base: nn.Linear, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, seed: int = 0) -> None:
+        full_rank = min(base.weight.shape) if isinstance(base, nn.Linear) else 1
+        super().__init__(base, full_rank, None, dropout, seed)
+        self.base.requires_grad_(True)
+        self.register_buffer("W0", base.weight.detach().clone())
+
+    @property
+    def w0(self) -> Tensor:
+        return self.W0
+
+    def delta_weight(self) -> Tensor:
+        return self.base.weight - self.W0
+
+    def merged_weight(self) -> Tensor:
+        return self.base.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x)
+
+    def merge(self) -> None:
+        """Nothing to fold: the trained weight is the layer's own. Sets the flag only."""
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False
+
+    def config(self) -> dict:
+        return {"dropout": self.dropout_p, "seed": self.seed}
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        return {"weight": self.base.weight.detach(), **(
+            {"bias": self.base.bias.detach()} if self.base.bias is not None else {})}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        self.base.weight.copy_(state["weight"])
+        if self.base.bias is not None:
+            self.base.bias.copy_(state["bias"])

@@ -1,0 +1,115 @@
+"""LoRA and rsLoRA: ΔW = s·B A with A ∈ ℝ^{r×in}, B ∈ ℝ^{out×r}.
+
+LoRA (Hu et al., 2021, arXiv 2106.09685): s = α/r, A kaiming-uniform(a=√5), B = 0.
+rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732): s = α/√r, so the update's scale is stable in r.
+:class:`LowRankAdapter` is the shared B A machinery; PiSSA, MiLoRA, random alignment and
+the Frobenius-regularised UVᵀ are subclasses that change only initialisation, which
+factors train, or the penalty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Adapter, register
+
+
+class LowRankAdapter(Adapter):
+    """ΔW = s·(B A − B₀A₀): the B A family.
+
+    B₀A₀ is zero unless the variant starts from given factors (:meth:`start_from`), in which
+    case the frozen base becomes the residual W_res = W₀ − s·B₀A₀ so the output is unchanged
+    at initialisation and ΔW is still measured from W₀.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
+                 dropout: float = 0.0, seed: int = 0) -> None:
+        super().__init__(base, rank, alpha, dropout, seed)
+        gen = self._generator()
+        self.A = self._kaiming(self.rank, self.in_features, gen=gen)
+        self.B = nn.Parameter(torch.zeros_like(self._new(self.out_features, self.rank)))
+        self.register_buffer("A0", None)  # set by start_from()
+        self.register_buffer("B0", None)
+
+    def product(self) -> Tensor:
+        """s·B A (the current factors' product)."""
+        return self.scale * (self.B @ self.A)
+
+    @torch.no_grad()
+    def start_from(self, B0: Tensor, A0: Tensor) -> None:
+        """Set B = B₀, A = A₀ and replace the frozen base by W_res = W₀ − s·B₀A₀ (a new module,
+        so the caller's Linear is never modified)."""
+        w0, bias = self.base.weight, self.base.bias
+        acc = torch.promote_types(w0.dtype, torch.float32)
+        residual = w0.to(acc) - self.scale * (B0.to(acc) @ A0.to(acc))
+        new = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                        device=w0.device, dtype=w0.dtype)
+        new.weight = nn.Parameter(residual.to(w0.dtype), requires_grad=False)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.base = new
+        self.A0 = A0.to(w0).clone()
+        self.B0 = B0.to(w0).clone()
+        self.A.copy_(self.A0)
+        self.B.copy_(self.B0)
+
+    @property
+    def w0(self) -> Tensor:
+        if self.A0 is None:
+            return self.base_weight
+        return self.base_weight + self.scale * (self.B0 @ self.A0)
+
+    def delta_weight(self) -> Tensor:
+        if self.A0 is None:
+            return self.product()
+        return self.scale * (self.B @ self.A - self.B0 @ self.A0)
+
+    def merged_weight(self) -> Tensor:
+        # base + s·BA directly: with a residual base this avoids adding and removing s·B₀A₀.
+        w = self.base_weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        return (w.to(acc) + self.product().to(acc)).to(w.dtype)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = F.linear(self.dropout(x), self.A)
+        # one fused multiply-add: y + s·h Bᵀ
+        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.rank),
+                           self.B.mT, alpha=self.scale).view(y.shape)
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        # The residual base is never saved: it is rebuilt from W₀ and the saved (A0, B0).
+        if self.A0 is not None and not (torch.equal(state["A0"], self.A0)
+                                        and torch.equal(state["B0"], self.B0)):
+            # The file was made from other initial factors: rebuild the residual from W₀.
+            w0 = self.w0
+            self.base.weight.copy_(w0 - self.scale * (state["B0"].to(w0) @ state["A0"].to(w0)))
+        super().load_adapter_state(state)
+
+
+@register
+class LoRA(LowRankAdapter):
+    """LoRA: ΔW = (α/r)·B A; A kaiming-uniform(a=√5), B = 0 (Hu et al., 2021, arXiv 2106.09685)."""
+
+    name = "lora"
+
+
+@register
+class RsLoRA(LowRankAdapter):
+    """rsLoRA: ΔW = (α/√r)·B A, init as LoRA (Kalajdzievski, 2023, arXiv 2312.03732)."""
+
+    name = "rslora"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank)

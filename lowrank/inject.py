@@ -1,0 +1,179 @@
+"""Wrap the matching ``nn.Linear`` modules of any model in adapters, in place.
+
+Target matching follows PEFT's convention: a plain name matches a whole dot-separated trailing
+part of a module's qualified name (``"q"`` matches ``layer.0.q``, not ``layer.0.query``); a pattern
+containing regex characters is matched against the whole name with ``re.fullmatch``;
+``"all-linear"`` takes every Linear except the output head (the last Linear in module order).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters.base import Adapter, make, variant_class
+
+_REGEX_CHARS = set(".^$*+?{}[]\\|()")
+
+
+def _is_regex(pattern: str) -> bool:
+    return any(c in _REGEX_CHARS for c in pattern)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if _is_regex(pattern):
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed: stable under adding or removing other layers."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def _hint(model: nn.Module) -> str:
+    names = _linear_names(model)
+    if not names:
+        return "the model has no nn.Linear modules"
+    shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+    return f"Linear modules are: {shown}"
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Qualified names of the Linear modules that ``targets`` selects (see module docstring)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise ValueError("targets is empty; name at least one module, e.g. targets=['query']")
+    linear = _linear_names(model)
+    if targets == ["all-linear"]:
+        if len(linear) < 2:
+            raise ValueError(
+                "'all-linear' leaves out the output head (the last Linear) and this model has "
+                f"{len(linear)} Linear module(s); name the target explicitly"
+            )
+        return linear[:-1]
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for pattern in targets:
+        hits = [n for n in modules if n and _matches(n, pattern)]
+        if not hits:
+            raise ValueError(f"target {pattern!r} matches no module; {_hint(model)}")
+        lin = [n for n in hits if isinstance(modules[n], nn.Linear)]
+        if not lin:
+            bad = hits[0]
+            raise TypeError(
+                f"target {pattern!r} matches {bad!r}, a {type(modules[bad]).__name__}, not an "
+                f"nn.Linear; lowrank adapts Linear layers only ({_hint(model)})"
+            )
+        chosen += [n for n in lin if n not in chosen]
+    return chosen
+
+
+def inject(
+    model: nn.Module,
+    variant: str,
+    targets: str | Iterable[str] = "all-linear",
+    modules_to_save: Iterable[str] = (),
+    seed: int = 0,
+    **options: Any,
+) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of ``model`` by ``variant``'s adapter, in place.
+
+    Everything else is frozen, except modules named in ``modules_to_save`` (same matching rules
+    as ``targets``), which train fully. A Linear shared by several parents is wrapped once and
+    the same adapter is placed everywhere. Each layer's seed is derived from ``seed`` and its
+    name. ``options`` go to the variant's constructor (``rank``, ``alpha``, ``dropout`` …).
+    Returns ``model``.
+    """
+    variant_class(variant)  # fail early with the list of names
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter):
+            raise ValueError(
+                f"model already has adapters (e.g. {name!r}); call lr.strip(model) or start "
+                "from a fresh model before injecting again"
+            )
+    names = find_targets(model, targets)
+    save = list(modules_to_save)
+    save_names = find_modules(model, save) if save else []
+    model.requires_grad_(False)
+    wrapped: dict[int, Adapter] = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        if id(linear) not in wrapped:
+            wrapped[id(linear)] = make(variant, linear, seed=_layer_seed(seed, name), **options)
+        _set_module(model, name, wrapped[id(linear)])
+    for name in save_names:
+        model.get_submodule(name).requires_grad_(True)
+    model.lowrank_modules_to_save = save_names  # remembered for save_adapters
+    return model
+
+
+def find_modules(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Names of the modules matched by ``patterns`` (``modules_to_save`` rules); errors on none."""
+    modules = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for p in patterns:
+        hits = [n for n in modules if _matches(n, p)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {p!r} matches no module; {_hint(model)}")
+        out += [n for n in hits if n not in out and not any(n.startswith(o + ".") for o in out)]
+    return out
+
+
+def adapters(model: nn.Module) -> dict[str, Adapter]:
+    """{qualified name: Adapter} for every adapter in ``model`` (shared ones listed once)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def merge_all(model: nn.Module) -> nn.Module:
+    """Merge every adapter of ``model``; returns ``model``."""
+    for ad in adapters(model).values():
+        ad.merge()
+    return model
+
+
+def unmerge_all(model: nn.Module) -> nn.Module:
+    """Unmerge every adapter of ``model``; returns ``model``."""
+    for ad in adapters(model).values():
+        ad.unmerge()
+    return model
+
+
+@torch.no_grad()
+def strip(model: nn.Module) -> nn.Module:
+    """Replace every adapter by a plain ``nn.Linear`` holding its merged weight (in place).
+
+    The result has the base model's architecture and speed and no adapter state.
+    """
+    plain: dict[int, nn.Linear] = {}
+    for name, ad in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(ad, Adapter):
+            continue
+        if id(ad) not in plain:
+            w = ad.merged_weight().detach() if not ad.merged else ad.base.weight.detach()
+            b = ad.base.bias
+            lin = nn.Linear(ad.in_features, ad.out_features, bias=b is not None,
+                            device=w.device, dtype=w.dtype)
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+            plain[id(ad)] = lin
+        _set_module(model, name, plain[id(ad)])
+    return model
