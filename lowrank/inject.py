@@ -31,8 +31,13 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every (name, module), a shared module under each of its names."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if n}
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    return [n for n, m in _named_modules(model).items() if isinstance(m, nn.Linear)]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -69,10 +74,10 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
                 f"{len(linear)} Linear module(s); name the target explicitly"
             )
         return linear[:-1]
-    modules = dict(model.named_modules())
+    modules = _named_modules(model)
     chosen: list[str] = []
     for pattern in targets:
-        hits = [n for n in modules if n and _matches(n, pattern)]
+        hits = [n for n in modules if _matches(n, pattern)]
         if not hits:
             raise ValueError(f"target {pattern!r} matches no module; {_hint(model)}")
         lin = [n for n in hits if isinstance(modules[n], nn.Linear)]
@@ -127,7 +132,7 @@ def inject(
 
 def find_modules(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Names of the modules matched by ``patterns`` (``modules_to_save`` rules); errors on none."""
-    modules = [n for n, _ in model.named_modules() if n]
+    modules = list(_named_modules(model))
     out: list[str] = []
     for p in patterns:
         hits = [n for n in modules if _matches(n, p)]

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .adapters.base import Adapter, make
-from .inject import _set_module, adapters
+from .inject import _named_modules, _set_module, adapters
 
 FORMAT = "lowrank-adapter"
 FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
 
 
 def _check(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
+    modules = _named_modules(model)
     for name, spec in config["layers"].items():
         mod = modules.get(name)
         if mod is None:
@@ -139,6 +139,17 @@ def _check(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Te
             t = tensors.get(f"{name}::{k}")
             if t is None or list(t.shape) != shp:
                 raise AdapterFileError(f"tensor {name}::{k} is missing or misshapen in the file")
+        if isinstance(mod, Adapter):
+            mine = {k: v for k, v in mod.config().items() if k != "seed"}
+            theirs = {k: v for k, v in spec["options"].items() if k != "seed"}
+            if mine != theirs:
+                diff = {k: (mine.get(k), theirs.get(k)) for k in mine.keys() | theirs.keys()
+                        if mine.get(k) != theirs.get(k)}
+                raise AdapterFileError(
+                    f"layer {name!r} holds a {mod.name!r} adapter but the file has other options "
+                    f"(here vs file: {diff}); load into a model without adapters, or inject "
+                    "with the file's options first"
+                )
     for name in config.get("modules_to_save", []):
         if name not in modules:
             raise AdapterFileError(f"modules_to_save entry {name!r} is not in this model")
@@ -161,15 +172,24 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     config, tensors = read_adapter_dir(path)
     _check(model, config, tensors)
+    modules = _named_modules(model)
     built = {
-        name: make(spec["variant"], model.get_submodule(name), **spec["options"])
+        name: make(spec["variant"], modules[name], **spec["options"])
         for name, spec in config["layers"].items()
-        if not isinstance(model.get_submodule(name), Adapter)
+        if not isinstance(modules[name], Adapter)
     }
-    model.requires_grad_(False)
+    # Freeze what is outside the adapters (as inject does); adapters keep their own flags.
+    inside = {id(p) for ad in adapters(model).values() for p in ad.parameters()}
+    inside |= {id(p) for ad in built.values() for p in ad.parameters()}
+    for p in model.parameters():
+        if id(p) not in inside:
+            p.requires_grad_(False)
     for name, spec in config["layers"].items():
-        if name in built:
-            _set_module(model, name, built[name])
+        if name in built:  # a shared Linear gets the same adapter under every name
+            linear = modules[name]
+            for other, m in modules.items():
+                if m is linear:
+                    _set_module(model, other, built[name])
         mod = model.get_submodule(name)
         was_merged = mod.merged
         mod.unmerge()

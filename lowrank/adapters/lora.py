@@ -82,9 +82,9 @@ class LowRankAdapter(Adapter):
         if self.merged:
             return y
         h = F.linear(self.dropout(x), self.A)
-        # one fused multiply-add: y + s·h Bᵀ
-        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.rank),
-                           self.B.mT, alpha=self.scale).view(y.shape)
+        # y += s·h Bᵀ in one fused GEMM, in place: linear's backward does not need its output.
+        y.view(-1, self.out_features).addmm_(h.reshape(-1, self.rank), self.B.mT, alpha=self.scale)
+        return y
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:

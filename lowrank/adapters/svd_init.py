@@ -7,7 +7,6 @@ s·B₀A₀ = U_r S_r V_rᵀ and the frozen base is W_res = W₀ − s·B₀A₀
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

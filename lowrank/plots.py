@@ -1,0 +1,187 @@
+"""Paper figures from tidy results tables: one style, one function per figure kind.
+
+Vector PDF (TrueType fonts embedded) and PNG, Okabe–Ito colour-blind-safe palette with a
+distinct marker per variant, sized for a two-column paper (7.0 in wide). Figures read only the
+CSV, so they can be redrawn without training.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
+             "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
+FULL_WIDTH = 7.0  # inches, two-column paper text width
+
+LABELS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "mse": "test MSE",
+    "delta_error": r"$\|\Delta W-\Delta W^*\|_F/\|\Delta W^*\|_F$",
+    "perplexity": "perplexity",
+    "forgetting": "forgetting (accuracy drop)",
+}
+
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "savefig.bbox": "tight",
+    "figure.dpi": 100,
+}
+
+
+def style_for(variants: Sequence[str]) -> dict[str, dict]:
+    """A fixed colour and marker per variant (stable order: sorted names)."""
+    return {v: {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, v in enumerate(sorted(variants))}
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric.replace("_", " "))
+
+
+def save(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem``.pdf and ``stem``.png atomically (temp file, then rename)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext, kw in (("pdf", {}), ("png", {"dpi": 200})):
+        path = stem.with_suffix(f".{ext}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.{ext}")
+        try:
+            fig.savefig(tmp, format=ext, **kw)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Indices of the points not dominated by any other (fewer params and a better metric)."""
+    order = np.lexsort((-y if higher_is_better else y, x))
+    front, best = [], -np.inf
+    for i in order:
+        score = y[i] if higher_is_better else -y[i]
+        if score > best:
+            front.append(i)
+            best = score
+    return np.array(front, dtype=int)
+
+
+def _summary(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    g = df.groupby(["variant", "rank"], dropna=False)
+    return g.agg(mean=(col, "mean"), std=(col, "std"), n=(col, "size"),
+                 params=("trainable_params", "mean")).reset_index()
+
+
+def rank_ablation(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per task (row): metric vs rank (log₂), metric vs trainable parameters (log), and the
+    Pareto front across variants and ranks. Mean ± std over seeds; full fine-tuning is a band."""
+    df = df[df["status"] == "ok"]
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    styles = style_for(df["variant"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(tasks), 3, figsize=(FULL_WIDTH, 2.2 * len(tasks)),
+                                 squeeze=False, constrained_layout=True)
+        for row, task in zip(axes, tasks):
+            sub = df[df["task"] == task]
+            metric = sub["metric"].iloc[0]
+            higher = bool(sub["higher_is_better"].iloc[0])
+            s = _summary(sub, f"test_{metric}")
+            full = s[s["variant"] == "full"]
+            ranked = s[s["variant"] != "full"].dropna(subset=["rank"])
+            for ax in row[:2]:
+                for _, f in full.iterrows():
+                    lo, hi = f["mean"] - np.nan_to_num(f["std"]), f["mean"] + np.nan_to_num(f["std"])
+                    ax.axhspan(lo, hi, color="0.85", zorder=0)
+                    ax.axhline(f["mean"], color="0.4", lw=0.8, ls="--", zorder=0,
+                               label="full fine-tuning")
+            for variant, g in ranked.groupby("variant"):
+                g = g.sort_values("rank")
+                st = styles[variant]
+                for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
+                    ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=variant,
+                                capsize=1.5, **st)
+            row[0].set_xscale("log", base=2)
+            row[0].set_xlabel("rank r")
+            row[1].set_xscale("log")
+            row[1].set_xlabel("trainable parameters")
+            pts = s.dropna(subset=["mean"])
+            x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
+            front = pareto_front(x, y, higher)
+            for variant, g in pts.groupby("variant"):
+                row[2].scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
+                               marker=styles[variant]["marker"], linewidths=0)
+            row[2].step(x[front], y[front], where="post", color="0.2", lw=1.0,
+                        label="Pareto front")
+            for i in front:
+                row[2].annotate(f"{pts['variant'].iloc[i]}"
+                                + ("" if pd.isna(pts["rank"].iloc[i]) else f" r{int(pts['rank'].iloc[i])}"),
+                                (x[i], y[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            row[2].set_xscale("log")
+            row[2].set_xlabel("trainable parameters")
+            for ax in row:
+                ax.set_ylabel(f"{task}: {label(metric)}")
+                if metric in ("delta_error", "mse", "perplexity"):
+                    ax.set_yscale("log")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        h1, l1 = axes[0, 2].get_legend_handles_labels()
+        by = dict(zip(labels + l1, handles + h1))
+        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(6, len(by)),
+                   frameon=False)
+        return save(fig, stem)
+
+
+def overhead(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Dot plot of time relative to the base Linear, per configuration; one panel per
+    measurement kind, one marker per (d, r) shape; the dashed line is the base layer."""
+    shapes = [tuple(x) for x in df[["d", "rank"]].drop_duplicates().to_numpy()]
+    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", c))
+    kinds = list(dict.fromkeys(df["kind"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(FULL_WIDTH, 0.16 * len(configs) + 1.2),
+                                 sharey=True, squeeze=False, constrained_layout=True)
+        for ax, kind in zip(axes[0], kinds):
+            sub = df[df["kind"] == kind]
+            for j, (d, r) in enumerate(shapes):
+                pts = sub[(sub["d"] == d) & (sub["rank"] == r)].set_index("config")
+                ys = [i for i, c in enumerate(configs) if c in pts.index]
+                xs = [pts.loc[c, "ratio_to_base"] for c in configs if c in pts.index]
+                ax.scatter(xs, ys, s=12, color=OKABE_ITO[j % len(OKABE_ITO)],
+                           marker=MARKERS[j % len(MARKERS)], label=f"d={d}, r={r}", zorder=3)
+            ax.axvline(1.0, color="0.4", ls="--", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel(f"{kind} time / base Linear")
+            ax.set_yticks(range(len(configs)), configs)
+            ax.invert_yaxis()
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)),
+                   frameon=False)
+        return save(fig, stem)

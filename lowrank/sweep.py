@@ -1,0 +1,295 @@
+"""Grid → runs → one tidy CSV row per run; resumable, with local or dask.distributed executors.
+
+Every run is identified by ``run_id``, a hash of everything that defines it (task and its
+options, variant and its options, rank, seed, learning rate, training config). After each run
+the whole CSV is rewritten to a temporary file and renamed over the old one, so the file on disk
+is always complete; re-running a sweep skips the run_ids already present, so it resumes after a
+crash or Ctrl-C with nothing lost or duplicated.
+
+Fair comparison (:func:`tuned_sweep`): each (task, variant, rank) gets its own learning rate,
+chosen on the dev split from a log grid at the first seed with the same step budget as every
+other variant; the other seeds reuse it. The test split is never used for a choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .inject import inject
+from .train import NonFiniteLossError, TrainConfig, seed_everything, train
+
+KEY = "run_id"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. ``rank=None`` for variants without a rank (``full``)."""
+
+    task: str
+    variant: str
+    rank: int | None
+    seed: int
+    lr: float
+    task_options: dict[str, Any] = field(default_factory=dict)
+    variant_options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields besides seed, lr
+
+    def canonical(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha1(self.canonical().encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.canonical())
+
+
+@functools.lru_cache(maxsize=8)
+def _task(name: str, options: str) -> Any:
+    from . import tasks
+
+    return tasks.get(name, **json.loads(options))
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """Versions, commit, hardware and threads, recorded in every row."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "lowrank_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": commit,
+        "cpu": cpu,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+    }
+
+
+def training_hooks(model: Any, variant: str, total_steps: int) -> list:
+    """Hooks a variant needs inside the training loop (AdaLoRA's rank allocator)."""
+    from .adapters.base import variant_class
+
+    make_hooks = getattr(variant_class(variant), "training_hooks", None)
+    return list(make_hooks(model, total_steps)) if make_hooks else []
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Build the task's pretrained model, inject the variant, train, and return the row."""
+    task = _task(spec.task, json.dumps(spec.task_options, sort_keys=True))
+    config = TrainConfig(seed=spec.seed, lr=spec.lr, quiet=True, **spec.train)
+    seed_everything(spec.seed)
+    model = task.pretrained()
+    options = dict(spec.variant_options)
+    if spec.rank is not None:
+        options["rank"] = spec.rank
+    inject(model, spec.variant, targets=task.targets, modules_to_save=task.modules_to_save,
+           seed=spec.seed, **options)
+    row: dict[str, Any] = {
+        KEY: spec.run_id,
+        "task": spec.task,
+        "variant": spec.variant,
+        "rank": spec.rank,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "task_options": json.dumps(spec.task_options, sort_keys=True),
+        "variant_options": json.dumps(spec.variant_options, sort_keys=True),
+        "targets": json.dumps(task.targets),
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        **{k: v for k, v in asdict(config).items() if k not in ("seed", "lr", "quiet")},
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        **provenance(),
+    }
+    try:
+        result = train(model, task, config, hooks=training_hooks(model, spec.variant, config.steps))
+    except NonFiniteLossError as e:
+        return {**row, "status": "diverged", "error": str(e)}
+    return {
+        **row,
+        "status": "ok",
+        "error": "",
+        "trainable_params": result.trainable_params,
+        "train_seconds": round(result.train_seconds, 4),
+        "peak_mem_mb": round(result.peak_mem_mb, 1),
+        **result.metrics,
+    }
+
+
+def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame:
+    """The results CSV as a DataFrame (empty when the file does not exist). With ``key``, a
+    file without that column is refused: it was not written by lowrank and must not be
+    overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame()
+    df = pd.read_csv(path)
+    if key is not None and key not in df.columns:
+        raise ValueError(
+            f"{path} exists but was not written by a lowrank sweep (no {key!r} column); "
+            "choose another output path so it is not overwritten"
+        )
+    return df
+
+
+def write_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``df`` as CSV through a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _execute(specs: Sequence[RunSpec], workers: int, executor: str, scheduler: str | None):
+    """Yield finished rows in completion order."""
+    if executor == "dask":
+        try:
+            from distributed import Client, LocalCluster
+            from distributed import as_completed as dask_completed
+        except ImportError as e:
+            raise ImportError(
+                "--executor dask needs dask.distributed; pip install 'lowrank[cluster]'"
+            ) from e
+        if scheduler:
+            client = Client(scheduler)
+        else:  # a private cluster on loopback, no dashboard
+            client = Client(LocalCluster(n_workers=workers, threads_per_worker=1,
+                                         host="127.0.0.1", dashboard_address=None))
+        try:
+            futures = client.map(run_one, list(specs), pure=False)
+            for fut in dask_completed(futures):
+                yield fut.result()
+        finally:
+            cluster = client.cluster
+            client.close()
+            if cluster is not None and not scheduler:
+                cluster.close()
+    elif executor == "local" and workers <= 1:
+        for spec in specs:
+            yield run_one(spec)
+    elif executor == "local":
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(run_one, s) for s in specs]
+            try:
+                for fut in as_completed(futures):
+                    yield fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+    else:
+        raise ValueError(f"executor={executor!r} is unknown; use 'local' or 'dask'")
+
+
+def sweep(
+    specs: Iterable[RunSpec],
+    out: str | os.PathLike,
+    workers: int = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every spec whose run_id is not in ``out`` yet; append each row as it finishes.
+
+    Returns the whole table (old and new rows).
+    """
+    df = read_results(out)
+    done = set(df[KEY]) if len(df) else set()
+    pending = list(dict.fromkeys(s for s in specs if s.run_id not in done))
+    rows = df.to_dict("records")
+    bar = tqdm(total=len(pending), desc="runs", disable=not progress or not pending,
+               file=sys.stderr)
+    for row in _execute(pending, workers, executor, scheduler):
+        rows.append(row)
+        write_atomic(pd.DataFrame(rows), out)
+        bar.update()
+    bar.close()
+    return pd.DataFrame(rows) if rows else df
+
+
+def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
+    """The learning rate each (task, variant, rank, options) reached its best dev metric with,
+    at ``search_seed`` (diverged runs count as worst). Columns: group keys + ``lr``."""
+    groups = ["task", "variant", "rank", "task_options", "variant_options"]
+    df = df[df["seed"] == search_seed].copy()
+    metric = "dev_" + df["metric"]
+    df["_dev"] = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
+    sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
+    df["_score"] = (df["_dev"] * sign).fillna(float("inf"))
+    pick = df.sort_values(["_score", "lr"]).groupby(groups, dropna=False, sort=False).head(1)
+    return pick[groups + ["lr"]].reset_index(drop=True)
+
+
+def tuned_sweep(
+    base: Sequence[RunSpec],
+    lr_grid: Sequence[float],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    **execute: Any,
+) -> pd.DataFrame:
+    """Per-variant learning-rate search on dev at ``seeds[0]``, then the other seeds at the best
+    learning rate. ``base`` holds one spec per (task, variant, rank, options); its seed and lr
+    are replaced. Returns the rows of the chosen learning rates for every seed, with column
+    ``lr_selection`` describing how the rate was chosen."""
+    if not seeds:
+        raise ValueError("seeds is empty; pass at least one seed")
+    search = [replace(s, seed=seeds[0], lr=lr) for s in base for lr in lr_grid]
+    df = sweep(search, out, **execute)
+    chosen = best_lr(df, seeds[0])
+    lookup = {
+        (r.task, r.variant, None if pd.isna(r.rank) else int(r.rank), r.task_options,
+         r.variant_options): r.lr
+        for r in chosen.itertuples()
+    }
+
+    def key(s: RunSpec) -> tuple:
+        return (s.task, s.variant, s.rank, json.dumps(s.task_options, sort_keys=True),
+                json.dumps(s.variant_options, sort_keys=True))
+
+    final = [replace(s, seed=seed, lr=lookup[key(s)]) for s in base for seed in seeds]
+    df = sweep(final, out, **execute)
+    ids = {s.run_id for s in final}
+    res = df[df[KEY].isin(ids)].copy()
+    grid = "/".join(f"{x:g}" for x in lr_grid)
+    res["lr_selection"] = f"best dev {grid} at seed {seeds[0]}, reused for other seeds"
+    return res

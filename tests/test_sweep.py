@@ -1,0 +1,107 @@
+"""Sweeps: one row per run, atomic writes, resume after a crash, executors, lr selection."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from lowrank import sweep as sw
+from lowrank.sweep import RunSpec, best_lr, read_results, sweep, tuned_sweep
+
+TRAIN = {"steps": 5, "batch_size": 32}
+
+
+def fake_row(spec: RunSpec) -> dict:
+    """A deterministic stand-in for a training run: dev metric peaks at lr = 1e-2."""
+    score = -abs(__import__("math").log10(spec.lr) + 2) + 0.01 * (spec.rank or 0)
+    return {sw.KEY: spec.run_id, "task": spec.task, "variant": spec.variant, "rank": spec.rank,
+            "seed": spec.seed, "lr": spec.lr, "status": "ok", "metric": "accuracy",
+            "higher_is_better": True, "task_options": json.dumps(spec.task_options),
+            "variant_options": json.dumps(spec.variant_options),
+            "dev_accuracy": score, "test_accuracy": score + spec.seed}
+
+
+def grid(n_ranks=3):
+    return [RunSpec("synthetic", "lora", r, seed=0, lr=0.0, train=TRAIN)
+            for r in range(1, n_ranks + 1)]
+
+
+def test_run_id_is_a_stable_function_of_the_whole_spec():
+    a = RunSpec("synthetic", "lora", 4, 0, 1e-3, train=TRAIN)
+    assert a.run_id == RunSpec("synthetic", "lora", 4, 0, 1e-3, train=dict(TRAIN)).run_id
+    assert a.run_id != RunSpec("synthetic", "lora", 4, 1, 1e-3, train=TRAIN).run_id
+    assert a.run_id != RunSpec("synthetic", "lora", 4, 0, 1e-3, train={"steps": 6}).run_id
+
+
+def test_sweep_resumes_after_a_crash_without_losing_or_duplicating_rows(tmp_path, monkeypatch):
+    out = tmp_path / "r.csv"
+    specs = [RunSpec("t", "lora", r, 0, 1e-2) for r in range(1, 7)]
+    calls = []
+
+    def crashing(spec):
+        calls.append(spec.rank)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the 4th run
+        return fake_row(spec)
+
+    monkeypatch.setattr(sw, "run_one", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(specs, out, progress=False)
+    assert len(pd.read_csv(out)) == 3  # the three finished runs are on disk, complete
+    monkeypatch.setattr(sw, "run_one", fake_row)
+    df = sweep(specs, out, progress=False)
+    on_disk = pd.read_csv(out)
+    assert len(df) == len(on_disk) == 6
+    assert on_disk[sw.KEY].is_unique
+    assert sorted(on_disk["rank"]) == [1, 2, 3, 4, 5, 6]
+    again = sweep(specs, out, progress=False)  # nothing left to do
+    assert len(again) == 6
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    out = tmp_path / "r.csv"
+    monkeypatch.setattr(sw, "run_one", fake_row)
+    sweep([RunSpec("t", "lora", 1, 0, 1e-2)], out, progress=False)
+    before = out.read_bytes()
+
+    def broken(self, path, **kw):
+        with open(path, "w") as f:
+            f.write("run_id,task\ntruncat")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sweep([RunSpec("t", "lora", 2, 0, 1e-2)], out, progress=False)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # no temporary file left
+
+
+def test_a_csv_not_written_by_lowrank_is_never_overwritten(tmp_path):
+    out = tmp_path / "mine.csv"
+    out.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not written by a lowrank sweep"):
+        sweep([RunSpec("t", "lora", 1, 0, 1e-2)], out, progress=False)
+    assert out.read_text() == "a,b\n1,2\n"
+
+
+def test_tuned_sweep_picks_the_dev_best_lr_and_reuses_it_for_other_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(sw, "run_one", fake_row)
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(2), [1e-3, 1e-2, 1e-1], [0, 1, 2], out, progress=False)
+    assert set(res["lr"]) == {1e-2}
+    assert len(res) == 2 * 3  # ranks × seeds
+    assert len(read_results(out)) == 2 * 3 + 2 * 2  # + the search runs at other lrs, seed 0
+    assert res["lr_selection"].str.contains("seed 0").all()
+
+
+def test_best_lr_counts_diverged_runs_as_worst():
+    rows = [fake_row(RunSpec("t", "lora", 1, 0, lr)) for lr in (1e-3, 1e-1)]
+    rows.append({**fake_row(RunSpec("t", "lora", 1, 0, 1e-2)), "status": "diverged",
+                 "dev_accuracy": float("nan")})
+    assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]  # tie at |log10 lr + 2| = 1
+
+
+def test_lower_is_better_metrics_choose_the_minimum():
+    rows = [{**fake_row(RunSpec("t", "lora", 1, 0, lr)), "metric": "mse",
+             "higher_is_better": False, "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
+    assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]

@@ -1,0 +1,158 @@
+"""The training loop: schedule values, determinism, penalties, hooks, non-finite losses."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lowrank as lr
+from lowrank.train import NonFiniteLossError, TrainConfig, fgsm, pgd, train, warmup_linear
+
+
+class TinyRegression:
+    """y = W* x with W* = W₀ + a rank-2 ΔW*; a one-layer model starting at W₀."""
+
+    name, metric, higher_is_better = "tiny", "mse", False
+    targets, modules_to_save = ["lin"], []
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.w0 = torch.randn(6, 10, generator=g)
+        delta = torch.randn(6, 2, generator=g) @ torch.randn(2, 10, generator=g)
+        x = torch.randn(300, 10, generator=g)
+        y = x @ (self.w0 + delta).T
+        self.data = {"train": TensorDataset(x[:200], y[:200]),
+                     "dev": TensorDataset(x[200:250], y[200:250]),
+                     "test": TensorDataset(x[250:], y[250:])}
+
+    def pretrained(self) -> nn.Module:
+        model = nn.Sequential()
+        model.add_module("lin", nn.Linear(10, 6, bias=False))
+        model.lin.weight.data.copy_(self.w0)
+        return model
+
+    def split(self, name):
+        return self.data[name]
+
+    def embed(self, model, batch):
+        return batch[0]
+
+    def head(self, model, z, batch):
+        return model(z)
+
+    def criterion(self, out, batch):
+        return ((out - batch[1]) ** 2).mean()
+
+    def loss(self, model, batch, perturb=None):
+        z = self.embed(model, batch)
+        if perturb is not None:
+            z = perturb(z, lambda z_: self.criterion(self.head(model, z_, batch), batch))
+        return self.criterion(self.head(model, z, batch), batch)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, batch_size=512):
+        x, y = self.data[split].tensors
+        return {"mse": float(((model(x) - y) ** 2).mean())}
+
+
+def _run(variant="lora", options=None, **cfg):
+    task = TinyRegression()
+    torch.manual_seed(0)
+    model = lr.inject(task.pretrained(), variant, targets=task.targets, rank=2, seed=0,
+                      **(options or {}))
+    return model, train(model, task, TrainConfig(quiet=True, **cfg))
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0), (55, 0.5), (99, 1 / 90), (100, 0.0)],
+)
+def test_warmup_then_linear_decay(step, expected):
+    # 100 steps, 10 % warm-up: ramps over steps 0..9, then decays linearly to 0 at step 100.
+    assert warmup_linear(step, 100, 0.1) == pytest.approx(expected, abs=1e-12)
+
+
+def test_scheduler_drives_the_optimizer_lr():
+    task = TinyRegression()
+    model = lr.inject(task.pretrained(), "lora", targets=["lin"], rank=2)
+    seen = []
+    cfg = TrainConfig(steps=20, lr=0.01, warmup=0.25, quiet=True, batch_size=16)
+    opt_lrs = []
+
+    def hook(m, step):
+        seen.append(step)
+
+    # read the learning rate actually used at each step through the scheduler's formula
+    for s in range(cfg.steps):
+        opt_lrs.append(cfg.lr * warmup_linear(s, cfg.steps, cfg.warmup))
+    train(model, task, cfg, hooks=[hook])
+    assert seen == list(range(20))
+    assert opt_lrs[0] == pytest.approx(0.002) and opt_lrs[4] == pytest.approx(0.01)
+    assert opt_lrs[-1] == pytest.approx(0.01 / 15)
+
+
+def test_training_learns_and_is_deterministic():
+    _, a = _run(steps=150, lr=0.05)
+    _, b = _run(steps=150, lr=0.05)
+    assert a.metrics == b.metrics  # same seed → bit-identical metrics
+    assert a.metrics["test_mse"] < 0.2 * TinyRegression().evaluate(
+        TinyRegression().pretrained(), "test")["mse"]
+    assert a.trainable_params == 2 * (10 + 6)
+    assert a.peak_mem_mb > 0 and a.train_seconds > 0
+
+
+def test_other_seed_gives_other_run():
+    _, a = _run(steps=30, lr=0.05, seed=0)
+    _, b = _run(steps=30, lr=0.05, seed=1)
+    assert a.metrics["test_mse"] != b.metrics["test_mse"]
+
+
+def test_penalty_is_added_to_the_loss():
+    # λ(‖U‖² + ‖V‖²) with a large λ must keep ΔW far smaller than with λ = 0, same seed.
+    free, _ = _run("frobenius", {"lam": 0.0}, steps=100, lr=0.05)
+    shrunk, _ = _run("frobenius", {"lam": 5.0}, steps=100, lr=0.05)
+    norm = {k: float(lr.adapters(m)["lin"].delta_weight().detach().norm())
+            for k, m in (("free", free), ("shrunk", shrunk))}
+    assert norm["shrunk"] < 0.5 * norm["free"]
+
+
+def test_nonfinite_loss_stops_the_run():
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        _run(steps=50, lr=1e12, clip=None)
+
+
+def test_bad_config_is_one_clear_sentence():
+    with pytest.raises(ValueError, match="lr=-1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="adversarial='cw'"):
+        TrainConfig(adversarial="cw")
+
+
+def test_fgsm_moves_each_coordinate_by_eps_uphill():
+    z = torch.randn(4, 5)
+    target = torch.randn(4, 5)
+    loss = lambda v: ((v - target) ** 2).sum()  # noqa: E731
+    adv = fgsm(0.1)(z, loss)
+    assert torch.allclose((adv - z).abs(), torch.full_like(z, 0.1))
+    assert loss(adv) > loss(z)
+
+
+def test_pgd_stays_in_the_ball_and_beats_fgsm_where_fgsm_overshoots():
+    # loss −(v − 0.1)² peaks inside the ball: FGSM jumps to the boundary (v = 0.3),
+    # PGD's small projected steps settle near the peak.
+    z = torch.zeros(3, 4)
+    loss = lambda v: -((v - 0.1) ** 2).sum()  # noqa: E731
+    eps = 0.3
+    adv = pgd(eps, steps=10)(z, loss)
+    assert float((adv - z).abs().max()) <= eps + 1e-7
+    assert loss(adv) > loss(fgsm(eps)(z, loss))
+
+
+@pytest.mark.parametrize("mode", ["fgsm", "pgd"])
+def test_adversarial_training_runs_and_differs_from_clean(mode):
+    _, clean = _run(steps=40, lr=0.05)
+    _, adv = _run(steps=40, lr=0.05, adversarial=mode, adv_eps=0.1)
+    assert math.isfinite(adv.metrics["test_mse"])
+    assert adv.metrics["test_mse"] != clean.metrics["test_mse"]
