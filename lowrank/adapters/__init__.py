@@ -1,6 +1,6 @@
 """Adapter variants. Importing this package registers every variant."""
 
-from . import frobenius, full, lora, random_alignment, svd_init  # noqa: F401  (registration)
+from . import adalora, dora, frobenius, full, loha, lokr, lora, random_alignment, svd_init, vera  # noqa: F401
 from .base import Adapter, make, register, variant_class, variants
 from .lora import LowRankAdapter
 
