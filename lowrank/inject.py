@@ -1,8 +1,9 @@
 """Wrap the matching ``nn.Linear`` modules of any model in adapters, in place.
 
-Target matching follows PEFT's convention: a plain name matches a whole dot-separated trailing
-part of a module's qualified name (``"q"`` matches ``layer.0.q``, not ``layer.0.query``); a pattern
-containing regex characters is matched against the whole name with ``re.fullmatch``;
+Target matching follows PEFT's convention: a name matches a whole dot-separated trailing part of
+a module's qualified name (``"q"`` matches ``layer.0.q``, not ``layer.0.query``;
+``"attention.self.query"`` matches ``encoder.layer.0.attention.self.query``); a pattern
+containing regex characters is also matched against the whole name with ``re.fullmatch``;
 ``"all-linear"`` takes every Linear except the output head (the last Linear in module order).
 """
 
@@ -26,9 +27,9 @@ def _is_regex(pattern: str) -> bool:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    if _is_regex(pattern):
-        return re.fullmatch(pattern, name) is not None
-    return name == pattern or name.endswith("." + pattern)
+    if name == pattern or name.endswith("." + pattern):  # a whole trailing part, dots included
+        return True
+    return _is_regex(pattern) and re.fullmatch(pattern, name) is not None
 
 
 def _named_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lowrank as lr
+from lowrank.adapters.lokr import lokr_shapes
 
 OUT, IN, RANK, ALPHA = 6, 9, 3, 6.0  # s = α/r = 2: a scale ≠ 1 so scaling bugs show
 
@@ -30,7 +31,19 @@ TRAINABLE_SHAPES = {
     "random_alignment": lambda o, i, r, bias: {"B": (o, r)},  # out·r
     "full": lambda o, i, r, bias: {  # out·in + out
         "base.weight": (o, i), **({"base.bias": (o,)} if bias else {})},
+    "dora": lambda o, i, r, bias: {"A": (r, i), "B": (o, r), "m": (o,)},  # r(in + out) + out
+    "vera": lambda o, i, r, bias: {"d": (r,), "b": (o,)},  # r + out
+    "adalora": lambda o, i, r, bias: {"P": (o, r), "lam": (r,), "Q": (r, i)},  # r(in + out + 1)
+    "loha": lambda o, i, r, bias: {  # 2r(in + out)
+        "B1": (o, r), "A1": (r, i), "B2": (o, r), "A2": (r, i)},
+    "lokr": lambda o, i, r, bias: _lokr(o, i, r),  # a·c + r(b + d), out = a·b, in = c·d
 }
+
+
+def _lokr(o, i, r):
+    (a, c), (b, d) = lokr_shapes(o, i, -1, r)
+    assert a * b == o and c * d == i
+    return {"C": (a, c), "B": (b, r), "A": (r, d)}
 
 # Variants whose wrapped layer's own weight (and bias) train; every other variant must keep
 # the base layer frozen.
@@ -41,7 +54,8 @@ RANK_FREE = {"full"}
 
 # Cases whose ΔW is exactly zero at init *and* whose base layer is the caller's untouched
 # W₀, so the output at init is bit-identical to the base layer's (B = 0 adds exact zeros).
-EXACT_AT_INIT = {"lora", "rslora", "frobenius", "random_alignment", "full"}
+EXACT_AT_INIT = {"lora", "rslora", "frobenius", "random_alignment", "full",
+                 "dora", "vera", "adalora", "loha", "lokr"}
 
 # Non-default constructor options worth covering: the residual initialisations.
 EXTRA_OPTIONS = {

@@ -145,9 +145,25 @@ def test_parameter_formulas_written_out():
     o, i, r = OUT, IN, RANK
     expected = {"lora": r * (i + o), "rslora": r * (i + o), "pissa": r * (i + o),
                 "milora": r * (i + o), "frobenius": r * (i + o), "random_alignment": o * r,
-                "full": o * i + o}
+                "full": o * i + o, "dora": r * (i + o) + o, "vera": r + o,
+                "adalora": r * (i + o + 1), "loha": 2 * r * (i + o),
+                "lokr": 2 * 3 + r * (3 + 3)}  # 6x9 = (2·3)x(3·3): C is 2x3, B A is 3x3
     for name, count in expected.items():
-        assert build(name, {})[0].num_trainable() == count, name
+        if name in lr.variants():
+            assert build(name, {})[0].num_trainable() == count, name
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_eval_mode_ignores_dropout(name, options):
+    ad, _, _, _ = build(name, {**options, "dropout": 0.5})
+    perturb(ad)
+    ad.eval()
+    x = inputs()
+    with torch.no_grad():
+        y = ad(x)
+        assert torch.equal(ad(x), y), "eval output is not deterministic with dropout > 0"
+        assert_close(y, F.linear(x, ad.merged_weight(), ad.base.bias), torch.float64,
+                     "eval output with dropout > 0 vs the merged weight")
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

@@ -161,3 +161,16 @@ def test_strip_of_a_merged_model(name):
         lr.strip(net)
         assert not lr.adapters(net)
         assert_close(net(x), y, torch.float64, "strip after merge_all")
+
+
+def test_a_dotted_trailing_part_matches_as_a_suffix():
+    import torch.nn as nn
+
+    model = nn.Module()
+    model.enc = nn.Module()
+    model.enc.attention = nn.Module()
+    model.enc.attention.query = nn.Linear(4, 4)
+    model.enc.query = nn.Linear(4, 4)
+    model.head = nn.Linear(4, 2)
+    lr.inject(model, "lora", targets=["attention.query"], rank=1)
+    assert list(lr.adapters(model)) == ["enc.attention.query"]
