@@ -140,3 +140,33 @@ def test_errors_tell_the_fix():
     alloc = RankAllocator(model, TARGET, INIT, 0, 0, 10)
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         alloc.step(model, 0)
+
+
+def test_the_training_loop_runs_the_allocator_down_to_the_target_rank():
+    """lowrank.train calls AdaLoRA.training_hooks' allocator: after training, each layer keeps
+    on average target_rank non-zero λ."""
+    from torch.utils.data import TensorDataset
+
+    from lowrank.sweep import training_hooks
+    from lowrank.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 12, generator=g), torch.randn(256, 8, generator=g)
+
+    class Task:
+        def split(self, name):
+            return TensorDataset(x, y)
+
+        def loss(self, model, batch, perturb=None):
+            return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+        def evaluate(self, model, split, batch_size=512):
+            return {"mse": float(((model(x) - y) ** 2).mean())}
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8))
+    lr.inject(model, "adalora", targets=["0", "2"], rank=6, target_rank=2)
+    hooks = training_hooks(model, "adalora", 50)
+    assert len(hooks) == 1
+    train(model, Task(), TrainConfig(steps=50, lr=1e-2, quiet=True, batch_size=32), hooks=hooks)
+    kept = sum(int((ad.lam != 0).sum()) for ad in lr.adapters(model).values())
+    assert kept == 2 * 2  # target_rank × layers

@@ -21,20 +21,25 @@ class AdaLoRA(Adapter):
     PEFT's names: ``lora_B`` = P, ``lora_E`` = λ as an (r, 1) column, ``lora_A`` = Q,
     ``scaling`` = ``lora_alpha``; output ``dropout(x) @ (A*E).T @ B.T * scaling / (r + 1e-5)``.
     Init as PEFT: P, Q ~ N(0, 0.02²), λ = 0. ``rank`` is the initial rank r (default 8; PEFT's
-    ``init_r`` default is 12), α = r by default. :meth:`penalty` is the paper's orthogonality
-    regulariser ``orth_reg_weight``·(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F), weight 0.1 (the paper's
-    value; PEFT adds ``orth_reg_weight`` (default 0.5) × the mean over all P and Q matrices of
-    the *unsquared* ‖·−I‖_F instead). Trainable: r(out + in + 1).
+    ``init_r`` default is 12), α = r by default; ``target_rank`` is the average rank the
+    allocator of :meth:`training_hooks` prunes to (default ⌊2r/3⌋). :meth:`penalty` is the
+    paper's orthogonality regulariser ``orth_reg_weight``·(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F),
+    weight 0.1 (the paper's value; PEFT adds ``orth_reg_weight`` (default 0.5) × the mean over
+    all P and Q matrices of the *unsquared* ‖·−I‖_F instead). Trainable: r(out + in + 1).
     """
 
     name = "adalora"
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, orth_reg_weight: float = 0.1) -> None:
+                 dropout: float = 0.0, seed: int = 0, orth_reg_weight: float = 0.1,
+                 target_rank: int | None = None) -> None:
         super().__init__(base, rank, alpha, dropout, seed)
         if not (isinstance(orth_reg_weight, (int, float)) and orth_reg_weight >= 0):
             raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a number >= 0")
+        if target_rank is not None and not 1 <= target_rank <= self.rank:
+            raise ValueError(f"target_rank={target_rank!r} must be between 1 and rank={self.rank}")
         self.orth_reg_weight = float(orth_reg_weight)
+        self.target_rank = int(target_rank or max(1, (2 * self.rank) // 3))
         gen = self._generator()
         w = base.weight
         self.Q = nn.Parameter((0.02 * torch.randn(rank, self.in_features, generator=gen,
@@ -60,7 +65,21 @@ class AdaLoRA(Adapter):
                                        + (self.Q @ self.Q.mT - eye).square().sum())
 
     def config(self) -> dict:
-        return {**super().config(), "orth_reg_weight": self.orth_reg_weight}
+        return {**super().config(), "orth_reg_weight": self.orth_reg_weight,
+                "target_rank": self.target_rank}
+
+    @classmethod
+    def training_hooks(cls, model: nn.Module, total_steps: int) -> list:
+        """The rank allocator the training loop calls after each optimiser step: budget from
+        ``rank`` down to ``target_rank`` (default ⌊2r/3⌋, PEFT's 12 → 8) per layer, with 10 % of
+        the steps at the full budget first and the last 20 % frozen (PEFT's t_init, t_final)."""
+        ads = [m for m in model.modules() if isinstance(m, cls)]
+        t_init, t_final = total_steps // 10, total_steps // 5
+        if not ads or total_steps - t_final <= t_init:
+            return []
+        alloc = RankAllocator(model, target_rank=ads[0].target_rank, init_rank=ads[0].rank,
+                              t_init=t_init, t_final=t_final, total_steps=total_steps)
+        return [alloc.step]
 
 
 class RankAllocator:
