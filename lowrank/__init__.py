@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-from . import linalg
+from . import analysis, linalg, tasks
 from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, load_adapters, save_adapters
@@ -16,6 +16,7 @@ __all__ = [
     "AdapterFileError",
     "LowRankAdapter",
     "adapters",
+    "analysis",
     "find_targets",
     "inject",
     "linalg",
@@ -25,6 +26,7 @@ __all__ = [
     "register",
     "save_adapters",
     "strip",
+    "tasks",
     "unmerge_all",
     "variant_class",
     "variants",

@@ -161,7 +161,7 @@ def test_the_training_loop_runs_the_allocator_down_to_the_target_rank():
             return ((model(batch[0]) - batch[1]) ** 2).mean()
 
         def evaluate(self, model, split, batch_size=512):
-            return {"mse": float(((model(x) - y) ** 2).mean())}
+            return {"mse": float(((model(x) - y) ** 2).mean().detach())}
 
     model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8))
     lr.inject(model, "adalora", targets=["0", "2"], rank=6, target_rank=2)
