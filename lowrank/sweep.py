@@ -126,6 +126,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "targets": json.dumps(task.targets),
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
+        "selection_metric": getattr(task, "selection_metric", "") or task.metric,
         **{k: v for k, v in asdict(config).items() if k not in ("seed", "lr", "quiet")},
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -248,11 +249,13 @@ def sweep(
 
 
 def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
-    """The learning rate each (task, variant, rank, options) reached its best dev metric with,
-    at ``search_seed`` (diverged runs count as worst). Columns: group keys + ``lr``."""
+    """The learning rate each (task, variant, rank, options) reached its best dev
+    ``selection_metric`` with (default: the headline metric), at ``search_seed``; diverged runs
+    count as worst. Columns: group keys + ``lr``."""
     groups = ["task", "variant", "rank", "task_options", "variant_options"]
     df = df[df["seed"] == search_seed].copy()
-    metric = "dev_" + df["metric"]
+    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
+    metric = "dev_" + chosen_on.fillna(df["metric"])
     df["_dev"] = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
     sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
     df["_score"] = (df["_dev"] * sign).fillna(float("inf"))

@@ -31,7 +31,7 @@ DEFAULTS = {
     "task": ["synthetic", "digits"],
     "ranks": [1, 2, 4, 8, 16, 32],
     "seeds": 3,
-    "lr_grid": [1e-3, 3e-3, 1e-2, 3e-2],
+    "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1],
     "steps": 300,
     "batch_size": 64,
 }
@@ -90,7 +90,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def specs(args: argparse.Namespace) -> list[RunSpec]:
-    train = {"steps": args.steps, "batch_size": args.batch_size}
+    # dev is evaluated once, after the last step: the learning rate is chosen on the final model
+    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
     out = []
     for task in args.task:
         for variant in args.variants:

@@ -105,3 +105,11 @@ def test_lower_is_better_metrics_choose_the_minimum():
     rows = [{**fake_row(RunSpec("t", "lora", 1, 0, lr)), "metric": "mse",
              "higher_is_better": False, "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]
+
+
+def test_selection_metric_overrides_the_headline_metric():
+    # headline metric favours lr=1e-1, the selection metric (what choices are made on) 1e-3
+    rows = [{**fake_row(RunSpec("t", "lora", 1, 0, lr)), "metric": "delta_error",
+             "higher_is_better": False, "selection_metric": "mse", "dev_delta_error": 1 / lr,
+             "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
+    assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]

@@ -60,6 +60,9 @@ class Task:
     modules_to_save: list[str] = []
     metric: str = ""
     higher_is_better: bool = True
+    # What choices (the learning rate) are made on, on the dev split: a metric the model's
+    # outputs give, in the same direction as ``metric``; empty means ``metric`` itself.
+    selection_metric: str = ""
 
     def __init__(self) -> None:
         self._base: nn.Module | None = None

@@ -59,6 +59,7 @@ class Synthetic(Task):
     name = "synthetic"
     metric = "delta_error"
     higher_is_better = False
+    selection_metric = "mse"  # ΔW* is the answer key: never choose on it
 
     def __init__(self, planted_rank: int = 4, layers: Sequence[str] = ("fc2",),
                  scale: float = 0.5, seed: int = 0, n_train: int = 4096, n_dev: int = 1024,
