@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
-             "#000000"]
+# Okabe–Ito, yellow last: it is the one colour that is hard to see on white
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+             "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 FULL_WIDTH = 7.0  # inches, two-column paper text width
 
@@ -106,7 +107,8 @@ def rank_ablation(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     tasks = list(dict.fromkeys(df["task"]))
     if not tasks:
         raise ValueError("no finished runs to plot; run the sweep first")
-    styles = style_for(df["variant"].unique())
+    styles = style_for([v for v in df["variant"].unique() if v != "full"])  # full is the band
+    styles["full"] = {"color": "0.4", "marker": "_"}
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(tasks), 3, figsize=(FULL_WIDTH, 2.2 * len(tasks)),
                                  squeeze=False, constrained_layout=True)
