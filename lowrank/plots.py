@@ -162,8 +162,9 @@ def rank_ablation(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 
 
 def overhead(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """Dot plot of time relative to the base Linear, per configuration; one panel per
-    measurement kind, one marker per (d, r) shape; the dashed line is the base layer."""
+    """Dot plot of time relative to the base Linear (median over rounds of the paired ratio),
+    per configuration; one panel per measurement kind, one marker per (d, r) shape; the dashed
+    line is the base layer."""
     shapes = [tuple(x) for x in df[["d", "rank"]].drop_duplicates().to_numpy()]
     configs = sorted(df["config"].unique(), key=lambda c: (c != "base", c))
     kinds = list(dict.fromkeys(df["kind"]))
@@ -180,9 +181,13 @@ def overhead(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                            marker=MARKERS[j % len(MARKERS)], label=f"d={d}, r={r}", zorder=3)
             ax.axvline(1.0, color="0.4", ls="--", lw=0.8)
             ax.set_xscale("log")
-            ax.set_xlabel(f"{kind} time / base Linear")
+            ticks = [t for t in (0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+                     if sub["ratio_to_base"].min() * 0.95 <= t <= sub["ratio_to_base"].max() * 1.05]
+            ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"{kind}: time / base Linear")
             ax.set_yticks(range(len(configs)), configs)
-            ax.invert_yaxis()
+        axes[0, 0].invert_yaxis()  # shared y: once for all panels; base on top
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)),
                    frameon=False)

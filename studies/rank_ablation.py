@@ -13,6 +13,7 @@ and the Pareto front, mean ± std over seeds, full fine-tuning as a band.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -48,6 +49,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", nargs="+", default=None,
                    help=f"tasks to run (from {', '.join(lr.tasks.names())}); "
                         f"default {' '.join(DEFAULTS['task'])}")
+    p.add_argument("--task-options", type=json.loads, default={}, metavar="JSON",
+                   help='options for every task, e.g. \'{"targets": "all-linear"}\' or '
+                        '\'{"max_train": 2000}\' (see each task\'s docstring)')
+    p.add_argument("--variant-options", type=json.loads, default={}, metavar="JSON",
+                   help='options for every variant, e.g. \'{"alpha": 16, "dropout": 0.1}\'')
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants (default: those of full, lora, rslora, pissa, random_alignment, "
                         "frobenius, dora, vera that are registered)")
@@ -84,6 +90,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for t in args.task:
         if t not in lr.tasks.names():
             p.error(f"unknown task {t!r}; choose from {', '.join(lr.tasks.names())}")
+    for opts in (args.task_options, args.variant_options):
+        if not isinstance(opts, dict):
+            p.error(f"--task-options and --variant-options take a JSON object, got {opts!r}")
     if args.seeds < 1 or args.steps < 1 or args.workers < 1 or min(args.ranks) < 1:
         p.error("--seeds, --steps, --workers and every --ranks value must be at least 1")
     return args
@@ -96,7 +105,9 @@ def specs(args: argparse.Namespace) -> list[RunSpec]:
     for task in args.task:
         for variant in args.variants:
             for rank in ([None] if variant == "full" else args.ranks):
-                out.append(RunSpec(task, variant, rank, seed=0, lr=0.0, train=train))
+                out.append(RunSpec(task, variant, rank, seed=0, lr=0.0, train=train,
+                                   task_options=args.task_options,
+                                   variant_options=args.variant_options))
     return out
 
 
