@@ -134,6 +134,22 @@ class Task:
             outs.append(self.head(model, self.embed(model, batch), batch).float().cpu())
         return torch.cat(outs)
 
+    def forgetting_metrics(self, model: nn.Module, split: str, old: Sequence[Tensor],
+                           batch_size: int = 512) -> dict[str, float]:
+        """``accuracy`` on the downstream ``split``, ``old_accuracy`` on ``old`` (the same split
+        of the pre-training task) and ``forgetting`` = the pretrained model's old accuracy −
+        ``old_accuracy`` (the pretrained reference is computed once per split)."""
+        reference = self.__dict__.setdefault("_pretrained_old_accuracy", {})
+        if split not in reference:
+            base = self.pretrained()
+            with evaluating(base):
+                reference[split] = accuracy(self.outputs(base, old, batch_size), old[1])
+        new = self.split(split).tensors
+        with evaluating(model):
+            acc = accuracy(self.outputs(model, new, batch_size), new[1])
+            old_acc = accuracy(self.outputs(model, old, batch_size), old[1])
+        return {"accuracy": acc, "old_accuracy": old_acc, "forgetting": reference[split] - old_acc}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r})"
 

@@ -18,10 +18,8 @@ from .base import (
     MLP,
     SPLITS,
     Task,
-    accuracy,
     cached_pretrained,
     check_int,
-    evaluating,
     pretrain,
     seeded_permutation,
 )
@@ -78,7 +76,6 @@ class Digits(Task):
         old, new = _stratified(y, OLD), _stratified(y, NEW)
         self.old = {s: TensorDataset(x[i], y[i]) for s, i in old.items()}
         self.new = {s: TensorDataset(x[i], y[i]) for s, i in new.items()}
-        self._base_old: dict[str, float] = {}
 
     def build_pretrained(self) -> nn.Module:
         model = MLP([64, self.hidden, self.hidden, 10])
@@ -94,13 +91,4 @@ class Digits(Task):
 
     def evaluate(self, model: nn.Module, split: str, batch_size: int = 512) -> dict[str, float]:
         """``accuracy`` on classes 5–9, ``old_accuracy`` on 0–4, ``forgetting``."""
-        new, old = self.split(split).tensors, self.old[split].tensors
-        if split not in self._base_old:
-            base = self.pretrained()
-            with evaluating(base):
-                self._base_old[split] = accuracy(self.outputs(base, old, batch_size), old[1])
-        with evaluating(model):
-            acc = accuracy(self.outputs(model, new, batch_size), new[1])
-            old_acc = accuracy(self.outputs(model, old, batch_size), old[1])
-        return {"accuracy": acc, "old_accuracy": old_acc,
-                "forgetting": self._base_old[split] - old_acc}
+        return self.forgetting_metrics(model, split, self.old[split].tensors, batch_size)

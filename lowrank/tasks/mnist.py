@@ -30,11 +30,9 @@ from torch.utils.data import TensorDataset
 from .base import (
     MLP,
     Task,
-    accuracy,
     cached_pretrained,
     check_choice,
     check_int,
-    evaluating,
     package_dir,
     pretrain,
     seeded_permutation,
@@ -164,7 +162,6 @@ class MNIST(Task):
         self.shift, self.angle, self.permutation_seed = shift, float(angle), permutation_seed
         self.n_train, self.n_eval = n_train, n_eval
         self.pretrain_steps, self.hidden = pretrain_steps, hidden
-        self._base_old: dict[str, float] = {}
         self._old: dict[str, TensorDataset] = {}
 
     def build_pretrained(self) -> nn.Module:
@@ -191,14 +188,4 @@ class MNIST(Task):
 
     def evaluate(self, model: nn.Module, split: str, batch_size: int = 512) -> dict[str, float]:
         """``accuracy`` on the shifted images, ``old_accuracy`` on the originals, ``forgetting``."""
-        new = self.split(split).tensors
-        old = self._old[split].tensors
-        if split not in self._base_old:
-            base = self.pretrained()
-            with evaluating(base):
-                self._base_old[split] = accuracy(self.outputs(base, old, batch_size), old[1])
-        with evaluating(model):
-            acc = accuracy(self.outputs(model, new, batch_size), new[1])
-            old_acc = accuracy(self.outputs(model, old, batch_size), old[1])
-        return {"accuracy": acc, "old_accuracy": old_acc,
-                "forgetting": self._base_old[split] - old_acc}
+        return self.forgetting_metrics(model, split, self._old[split].tensors, batch_size)
