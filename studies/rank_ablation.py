@@ -37,7 +37,7 @@ DEFAULTS = {
     "batch_size": 64,
 }
 QUICK = {"task": ["synthetic"], "variants": ["full", "lora"], "ranks": [1, 4], "seeds": 1,
-         "lr_grid": [1e-2], "steps": 60}
+         "lr_grid": [3e-2], "steps": 200}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

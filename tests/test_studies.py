@@ -38,6 +38,10 @@ def test_rank_ablation_quick_writes_csv_and_figure_and_redraws(tmp_path):
     assert COLUMNS <= set(df.columns)
     assert "test_delta_error" in df.columns and (df["status"] == "ok").all()
     assert set(df["variant"]) == {"lora", "full"}
+    # the planted rank-4 update: LoRA at r = 4 ≥ k recovers it, at r = 1 < k it cannot go
+    # below the Eckart–Young floor (0.762 for this ΔW*)
+    err = df[df["variant"] == "lora"].set_index("rank")["test_delta_error"]
+    assert err[4] < 0.05 < 0.7 < err[1]
     assert_figure(fig)
     fig.with_suffix(".png").unlink()
     run("rank_ablation.py", "--quick", "--plot-only", "--out", str(out), "--figure", str(fig))
