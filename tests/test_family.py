@@ -404,3 +404,22 @@ def test_adalora_penalty():
 def test_adalora_scale_is_peft_convention():
     ad = lr.make("adalora", linear(), rank=4, alpha=8.0)
     assert ad.scale == 8.0 / (4 + 1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_inference_path_equals_the_autograd_path(bias):
+    """Under no_grad DoRA takes an in-place route; it must give the autograd route's output
+    (float32: both sum the same products in another order, so 1e-6 relative), and the base
+    layer's output exactly at initialisation (B = 0, m = ‖W₀‖)."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, bias=bias)
+    x = torch.randn(32, 24)
+    ad = lr.make("dora", base, rank=4).eval()
+    with torch.no_grad():
+        assert torch.equal(ad(x), base(x))
+        ad.B.normal_(std=0.1)
+        ad.m.mul_(1.3)
+        fast = ad(x)
+    slow = ad(x)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)

@@ -80,10 +80,12 @@ class DoRA(LowRankAdapter):
         return (g - 1) * F.linear(x, self.w0) + g * super().adapter_forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
         g = self.m / self.weight_norm()
+        if not torch.is_grad_enabled() and not (self.training and self.dropout_p > 0):
+            return self._inference_forward(x, g)
+        y = self.base(x)
         bias = self.base.bias
         if self.training and self.dropout_p > 0:  # PEFT: the correction sees the dropped input
             x = self.dropout(x)
@@ -96,3 +98,16 @@ class DoRA(LowRankAdapter):
         h = F.linear(x, self.A).reshape(-1, self.rank)
         gB = self.B * (g * self.scale)[:, None]
         return torch.addmm(out.reshape(-1, self.out_features), h, gB.mT).view(out.shape)
+
+    def _inference_forward(self, x: Tensor, g: Tensor) -> Tensor:
+        """Without autograd, in place: g⊙(W₀x), then + [Ax, 1]·[g·s·B, b]ᵀ as one GEMM
+        (the bias rides along as an extra column), one pass over the output fewer."""
+        y = F.linear(x, self.base.weight)
+        y.mul_(g)
+        h = F.linear(x, self.A).reshape(-1, self.rank)
+        gB = self.B * (g * self.scale)[:, None]
+        if self.base.bias is not None:
+            h = torch.cat([h, h.new_ones(len(h), 1)], 1)
+            gB = torch.cat([gB, self.base.bias[:, None]], 1)
+        y.view(-1, self.out_features).addmm_(h, gB.mT)
+        return y
