@@ -164,12 +164,13 @@ class PeakMemory:
 
 
 def _batches(dataset: Any, batch_size: int, gen: torch.Generator):
-    """Endless shuffled mini-batches of a TensorDataset (a fresh permutation every epoch)."""
+    """Endless shuffled mini-batches of a TensorDataset: a fresh permutation every epoch, the
+    incomplete last batch dropped (a set smaller than one batch is one batch)."""
     tensors = dataset.tensors
     n = len(tensors[0])
     while True:
         perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        for i in range(0, max(n - batch_size, 0) + 1, batch_size):
             idx = perm[i : i + batch_size]
             yield tuple(t[idx] for t in tensors)
 
