@@ -292,7 +292,13 @@ def tuned_sweep(
     final = [replace(s, seed=seed, lr=lookup[key(s)]) for s in base for seed in seeds]
     df = sweep(final, out, **execute)
     ids = {s.run_id for s in final}
-    res = df[df[KEY].isin(ids)].copy()
     grid = "/".join(f"{x:g}" for x in lr_grid)
-    res["lr_selection"] = f"best dev {grid} at seed {seeds[0]}, reused for other seeds"
-    return res
+    how = f"best dev {{}} of lr {grid} at seed {seeds[0]}, reused for the other seeds"
+    selected = df[KEY].isin(ids)
+    # Say in the CSV itself which rows are the reported ones and how their lr was chosen.
+    df["lr_selected"] = selected | (df["lr_selected"].fillna(False).astype(bool)
+                                    if "lr_selected" in df else False)
+    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
+    df.loc[selected, "lr_selection"] = [how.format(m) for m in chosen_on[selected]]
+    write_atomic(df, out)
+    return df[selected].copy()

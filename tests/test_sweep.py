@@ -92,6 +92,9 @@ def test_tuned_sweep_picks_the_dev_best_lr_and_reuses_it_for_other_seeds(tmp_pat
     assert len(res) == 2 * 3  # ranks × seeds
     assert len(read_results(out)) == 2 * 3 + 2 * 2  # + the search runs at other lrs, seed 0
     assert res["lr_selection"].str.contains("seed 0").all()
+    on_disk = read_results(out)  # the CSV itself says which rows are reported, and how
+    assert set(on_disk.loc[on_disk["lr_selected"], sw.KEY]) == set(res[sw.KEY])
+    assert on_disk.loc[on_disk["lr_selected"], "lr_selection"].str.contains("best dev").all()
 
 
 def test_best_lr_counts_diverged_runs_as_worst():
