@@ -69,7 +69,8 @@ def save(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
-    for ext, kw in (("pdf", {}), ("png", {"dpi": 200})):
+    # no creation date in the PDF: redrawing the same data gives the same file
+    for ext, kw in (("pdf", {"metadata": {"CreationDate": None}}), ("png", {"dpi": 200})):
         path = stem.with_suffix(f".{ext}")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.{ext}")
         try:
