@@ -296,3 +296,10 @@ def tuned_sweep(
     grid = "/".join(f"{x:g}" for x in lr_grid)
     res["lr_selection"] = f"best dev {grid} at seed {seeds[0]}, reused for other seeds"
     return res
+
+
+def tuned_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows run at each (task, variant, rank, options)' dev-chosen learning rate
+    (:func:`best_lr`): what the rank-ablation figure shows."""
+    keys = ["task", "variant", "rank", "task_options", "variant_options", "lr"]
+    return df.merge(best_lr(df), on=keys, how="inner")
