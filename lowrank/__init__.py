@@ -6,10 +6,10 @@
 
 __version__ = "0.1.0"
 
-from . import analysis, linalg, tasks
+from . import analysis, io, linalg, tasks
 from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
-from .io import AdapterFileError, load_adapters, save_adapters
+from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
 __all__ = [
     "Adapter",
@@ -18,7 +18,9 @@ __all__ = [
     "adapters",
     "analysis",
     "find_targets",
+    "from_peft",
     "inject",
+    "io",
     "linalg",
     "load_adapters",
     "make",
@@ -27,6 +29,7 @@ __all__ = [
     "save_adapters",
     "strip",
     "tasks",
+    "to_peft",
     "unmerge_all",
     "variant_class",
     "variants",

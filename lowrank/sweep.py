@@ -302,3 +302,10 @@ def tuned_sweep(
     df.loc[selected, "lr_selection"] = [how.format(m) for m in chosen_on[selected]]
     write_atomic(df, out)
     return df[selected].copy()
+
+
+def tuned_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows run at each (task, variant, rank, options)' dev-chosen learning rate
+    (:func:`best_lr`): what the rank-ablation figure shows."""
+    keys = ["task", "variant", "rank", "task_options", "variant_options", "lr"]
+    return df.merge(best_lr(df), on=keys, how="inner")

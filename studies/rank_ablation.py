@@ -23,7 +23,7 @@ import pandas as pd
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import RunSpec, best_lr, read_results, tuned_sweep
+from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
@@ -109,13 +109,6 @@ def specs(args: argparse.Namespace) -> list[RunSpec]:
                                    task_options=args.task_options,
                                    variant_options=args.variant_options))
     return out
-
-
-def tuned_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows at each (task, variant, rank)'s dev-chosen learning rate (for --plot-only)."""
-    chosen = best_lr(df)
-    keys = ["task", "variant", "rank", "task_options", "variant_options", "lr"]
-    return df.merge(chosen, on=keys, how="inner")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,329 @@
+"""The ``lowrank`` command (also ``python -m lowrank``).
+
+    lowrank ablate --quick                      # studies/rank_ablation.py, same arguments
+    lowrank plot results/rank_ablation.csv      # redraw the rank-ablation figure from a CSV
+    lowrank inspect runs/lora-r8 [--json]       # what a saved adapter holds, without the model
+    lowrank reconstruct w.safetensors --ranks 1 2 4 8 [--out errors.csv]
+
+Exit codes: 0 success, 1 runtime failure (one sentence on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from . import analysis
+from .adapters.base import make
+
+STUDY = Path(__file__).resolve().parent.parent / "studies" / "rank_ablation.py"
+
+# Saved tensors that are trainable parameters, per variant (the rest are frozen buffers such
+# as PiSSA's A₀, B₀ or random alignment's fixed A). tests/test_cli.py checks this against
+# num_trainable() for every registered variant.
+TRAINABLE = {
+    "lora": ("A", "B"), "rslora": ("A", "B"), "pissa": ("A", "B"), "milora": ("A", "B"),
+    "frobenius": ("A", "B"), "random_alignment": ("B",), "dora": ("A", "B", "m"),
+    "vera": ("d", "b"), "adalora": ("P", "lam", "Q"), "loha": ("A1", "B1", "A2", "B2"),
+    "lokr": ("C", "A", "B"), "full": ("weight", "bias"),
+}
+# ΔW = s·(B A − B₀A₀) from the saved factors (B₀A₀ only when the file has them).
+BA_FAMILY = {"lora", "rslora", "pissa", "milora", "frobenius", "random_alignment"}
+# ΔW depends on W₀, which an adapter file does not hold.
+NEEDS_W0 = {"full": "ΔW = W − W₀ needs the base weight W₀, which the file does not hold",
+            "dora": "ΔW = m⊙(W₀+sBA)/‖W₀+sBA‖ − W₀ needs the base weight W₀, which the file "
+                    "does not hold"}
+
+
+class CLIError(Exception):
+    """A runtime failure reported as one sentence on stderr (exit code 1)."""
+
+
+# --------------------------------------------------------------------------- ablate / plot
+def _load_study():
+    if not STUDY.is_file():
+        raise CLIError(
+            f"lowrank ablate runs studies/rank_ablation.py from a source checkout and it is not at "
+            f"{STUDY} (an installed wheel has no studies/); clone the repository and install it "
+            "with pip install -e ."
+        )
+    spec = importlib.util.spec_from_file_location("lowrank_study_rank_ablation", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ablate(argv: Sequence[str]) -> int:
+    """Run ``studies/rank_ablation.py`` with ``argv`` (its --help lists every option)."""
+    return int(_load_study().main(list(argv)))
+
+
+def plot(csv: Path, figure: Path | None) -> list[Path]:
+    """Redraw the rank-ablation figure from ``csv`` at the dev-chosen learning rates."""
+    from . import plots
+    from .sweep import read_results, tuned_rows
+
+    df = read_results(csv)
+    if df.empty:
+        raise CLIError(f"{csv} does not exist or has no rows; run lowrank ablate first")
+    rows = tuned_rows(df)
+    if rows.empty:
+        raise CLIError(f"{csv} has no finished runs at a dev-chosen learning rate to plot")
+    paths = plots.rank_ablation(rows, figure or csv.with_suffix(""))
+    for p in paths:
+        print(p)
+    return paths
+
+
+# --------------------------------------------------------------------------- inspect
+def _scale(variant: str, options: dict[str, Any]) -> float:
+    rank = options["rank"]
+    alpha = options.get("alpha") or rank
+    return alpha / math.sqrt(rank) if variant == "rslora" else alpha / rank
+
+
+def delta_from_file(variant: str, options: dict[str, Any], shape: tuple[int, int],
+                    tensors: dict[str, Tensor]) -> Tensor | None:
+    """ΔW of one saved layer from its tensors alone, or None when ΔW needs W₀ (full, dora)."""
+    if variant in NEEDS_W0:
+        return None
+    t = {k: v.to(torch.float64) for k, v in tensors.items()}
+    if variant in BA_FAMILY:
+        s = _scale(variant, options)
+        dW = t["B"] @ t["A"]
+        if "A0" in t and "B0" in t:
+            dW = dW - t["B0"] @ t["A0"]
+        return s * dW
+    # Other variants' ΔW does not involve W₀: rebuild the adapter on a zero stand-in layer.
+    stand_in = nn.Linear(shape[1], shape[0], bias=False, dtype=torch.float64)
+    nn.init.zeros_(stand_in.weight)
+    ad = make(variant, stand_in, **options)
+    ad.load_adapter_state(t)
+    return ad.delta_weight().detach()
+
+
+def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
+    """A summary of a saved adapter directory: format, versions, and per layer the variant,
+    shape, rank, trainable parameter count (from the tensors) and ΔW's spectrum summary."""
+    from .io import read_adapter_dir
+
+    config, tensors = read_adapter_dir(path)
+    layers = []
+    for name, spec in config.get("layers", {}).items():
+        variant, options = spec["variant"], spec.get("options", {})
+        mine = {key: tensors[f"{name}::{key}"] for key in spec["tensors"]}
+        shape = (spec["out_features"], spec["in_features"])
+        row: dict[str, Any] = {
+            "name": name, "variant": variant, "out_features": shape[0], "in_features": shape[1],
+            "rank": options.get("rank", min(shape)),
+        }
+        if variant in TRAINABLE:
+            row["trainable_params"] = sum(v.numel() for key, v in mine.items()
+                                          if key in TRAINABLE[variant])
+        else:
+            row["trainable_params"] = None
+        dW = delta_from_file(variant, options, shape, mine)
+        row["delta"] = None if dW is None else analysis.spectrum_summary(dW, k)
+        row["note"] = NEEDS_W0.get(variant, "")
+        layers.append(row)
+    saved = config.get("modules_to_save", [])
+    saved_params = sum(v.numel() for key, v in tensors.items()
+                       if key.split("::")[0] in saved)
+    counts = [r["trainable_params"] for r in layers]
+    return {
+        "path": str(path),
+        "format": config["format"],
+        "format_version": config["version"],
+        "lowrank_version": config.get("lowrank_version"),
+        "layers": layers,
+        "modules_to_save": saved,
+        "modules_to_save_params": saved_params,
+        "trainable_params": None if None in counts else sum(counts) + saved_params,
+    }
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [["—" if v is None else v if isinstance(v, str) else
+                         f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """The summary of :func:`inspect_adapter` as a readable table."""
+    head = (f"{info['path']}: {info['format']} format v{info['format_version']}, written by "
+            f"lowrank {info['lowrank_version']}; {len(info['layers'])} adapted layers, "
+            f"{info['trainable_params'] if info['trainable_params'] is not None else '?'} "
+            "trainable parameters")
+    rows = []
+    notes = []
+    for r in info["layers"]:
+        d = r["delta"] or {}
+        rows.append([r["name"], r["variant"], f"{r['out_features']}x{r['in_features']}", r["rank"],
+                     r["trainable_params"], d.get("fro_norm"), d.get("effective_rank"),
+                     d.get("stable_rank"), d.get("rank90")])
+        if r["note"]:
+            notes.append(f"{r['name']}: {r['note']}")
+    table = _table(["layer", "variant", "shape", "rank", "trainable", "‖ΔW‖_F", "eff. rank",
+                    "stable rank", "rank90"], rows)
+    out = [head, "", table]
+    if info["modules_to_save"]:
+        out += ["", f"modules_to_save: {', '.join(info['modules_to_save'])} "
+                    f"({info['modules_to_save_params']} parameters, trained fully)"]
+    if notes:
+        out += ["", "ΔW not shown (—):", *notes]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- reconstruct
+def reconstruction_errors(path: Path, ranks: Sequence[int]) -> list[dict[str, Any]]:
+    """Relative Frobenius error ‖W − W_r‖_F / ‖W‖_F of the best rank-r approximation W_r
+    (Eckart–Young: √(Σ_{i>r} σᵢ²) / √(Σ σᵢ²)) for every 2-D floating tensor of a safetensors
+    file and every r in ``ranks``; 0 for r ≥ rank(W) and for W = 0."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CLIError(f"{path} is not a readable safetensors file ({e})") from e
+    rows = []
+    for name in sorted(tensors):
+        W = tensors[name]
+        if W.ndim != 2 or not W.is_floating_point():
+            continue
+        s2 = analysis.singular_values(W) ** 2  # one SVD per tensor, every rank from it
+        total = float(s2.sum())
+        for r in ranks:
+            err = 0.0 if total == 0 else math.sqrt(float(s2[r:].sum()) / total)
+            rows.append({"tensor": name, "out_features": W.shape[0], "in_features": W.shape[1],
+                         "rank": r, "relative_error": err})
+    if not rows:
+        raise CLIError(f"{path} holds no 2-D floating-point tensors")
+    return rows
+
+
+def write_csv_atomic(rows: list[dict[str, Any]], out: Path, force: bool) -> None:
+    """Write ``rows`` as CSV to ``out`` via a temporary file and a rename; an existing ``out``
+    is replaced only with ``force``."""
+    import csv
+
+    if out.exists() and not force:
+        raise CLIError(f"{out} exists; pass --force to overwrite it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def format_reconstruction(rows: list[dict[str, Any]], ranks: Sequence[int]) -> str:
+    """One line per tensor, one column per rank."""
+    by_tensor: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        t = by_tensor.setdefault(r["tensor"], {"shape": f"{r['out_features']}x{r['in_features']}"})
+        t[r["rank"]] = r["relative_error"]
+    table = [[name, t["shape"], *(t[r] for r in ranks)] for name, t in by_tensor.items()]
+    return ("relative Frobenius error of the best rank-r approximation\n"
+            + _table(["tensor", "shape", *(f"r={r}" for r in ranks)], table))
+
+
+# --------------------------------------------------------------------------- parser
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"rank {value} must be at least 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lowrank`` command."""
+    p = argparse.ArgumentParser(
+        prog="lowrank", description="LoRA and the other low-rank adaptation methods: studies, "
+        "figures and inspection of saved adapters.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "ablate", add_help=False, help="run the rank ablation (studies/rank_ablation.py)",
+        description="Run studies/rank_ablation.py with the remaining arguments: every variant "
+        "across ranks and seeds at its dev-tuned learning rate, written to a resumable CSV and "
+        "a figure. `lowrank ablate --help` shows the study's own options (--quick, --out, "
+        "--figure, --plot-only ...). Needs a source checkout (the studies/ folder).")
+    pp = sub.add_parser(
+        "plot", help="redraw the rank-ablation figure from a results CSV",
+        description="Redraw the rank-ablation figure (PDF and PNG) from a results CSV written by "
+        "`lowrank ablate`, at each variant and rank's dev-chosen learning rate, as "
+        "rank_ablation.py --plot-only does. Nothing is trained.")
+    pp.add_argument("csv", type=Path, metavar="CSV", help="results CSV of a rank ablation")
+    pp.add_argument("--figure", type=Path, default=None, metavar="STEM",
+                    help="figure path without extension (default: the CSV's path without .csv)")
+    pi = sub.add_parser(
+        "inspect", help="summarise a saved adapter directory",
+        description="Summarise an adapter directory written by lr.save_adapters, without the "
+        "model: format and lowrank version, and per layer the variant, shape, rank, trainable "
+        "parameter count (from the tensors) and the spectrum of ΔW (Frobenius norm, effective "
+        "rank, stable rank, rank for 90% energy) where the saved tensors determine it (not "
+        "for full and dora, whose ΔW needs the base weight).")
+    pi.add_argument("path", type=Path, metavar="PATH", help="adapter directory")
+    pi.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    pr = sub.add_parser(
+        "reconstruct", help="low-rank reconstruction error of every matrix in a safetensors file",
+        description="For every 2-D tensor of a safetensors file, the relative Frobenius error "
+        "‖W − W_r‖_F / ‖W‖_F of its best rank-r approximation W_r (Eckart–Young). Only "
+        "safetensors is read: nothing is unpickled.")
+    pr.add_argument("weights", type=Path, metavar="WEIGHTS", help="a .safetensors file")
+    pr.add_argument("--ranks", type=_positive, nargs="+", required=True, metavar="R",
+                    help="ranks r to evaluate")
+    pr.add_argument("--out", type=Path, default=None,
+                    help="write a tidy CSV here (atomically) instead of printing a table")
+    pr.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowrank`` command; returns the exit code."""
+    from .io import AdapterFileError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    try:
+        if argv and argv[0] == "ablate":  # everything after it belongs to the study's parser
+            return ablate(argv[1:])
+        args = p.parse_args(argv)
+        if args.command == "plot":
+            plot(args.csv, args.figure)
+        elif args.command == "inspect":
+            info = inspect_adapter(args.path)
+            print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+        elif args.command == "reconstruct":
+            rows = reconstruction_errors(args.weights, args.ranks)
+            if args.out is None:
+                print(format_reconstruction(rows, args.ranks))
+            else:
+                write_csv_atomic(rows, args.out, args.force)
+                print(f"wrote {len(rows)} rows to {args.out}")
+    except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else 1
+    except (CLIError, AdapterFileError, ValueError, OSError) as e:
+        message = " ".join(str(e).split())
+        print(f"lowrank: error: {message}", file=sys.stderr)
+        return 1
+    return 0
