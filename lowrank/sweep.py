@@ -179,8 +179,10 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _execute(specs: Sequence[RunSpec], workers: int, executor: str, scheduler: str | None):
-    """Yield finished rows in completion order."""
+def _execute(specs: Sequence[RunSpec], workers: int, executor: str, scheduler: str | None,
+             folder: Path):
+    """Yield finished rows in completion order. ``scheduler``: a dask scheduler address, or
+    submitit's cluster name (``"slurm"``, ``"local"``; None picks SLURM when present)."""
     if executor == "dask":
         try:
             from distributed import Client, LocalCluster
@@ -203,6 +205,18 @@ def _execute(specs: Sequence[RunSpec], workers: int, executor: str, scheduler: s
             client.close()
             if cluster is not None and not scheduler:
                 cluster.close()
+    elif executor == "submitit":  # SLURM when available, else local subprocesses
+        try:
+            import submitit
+        except ImportError as e:
+            raise ImportError(
+                "--executor submitit needs submitit; pip install 'lowrank[cluster]'"
+            ) from e
+        ex = submitit.AutoExecutor(folder=folder, cluster=scheduler)
+        ex.update_parameters(timeout_min=24 * 60, cpus_per_task=1)
+        jobs = ex.map_array(run_one, list(specs))
+        for job in submitit.helpers.as_completed(jobs):
+            yield job.result()
     elif executor == "local" and workers <= 1:
         for spec in specs:
             yield run_one(spec)
@@ -219,7 +233,7 @@ def _execute(specs: Sequence[RunSpec], workers: int, executor: str, scheduler: s
                     fut.cancel()
                 raise
     else:
-        raise ValueError(f"executor={executor!r} is unknown; use 'local' or 'dask'")
+        raise ValueError(f"executor={executor!r} is unknown; use 'local', 'dask' or 'submitit'")
 
 
 def sweep(
@@ -240,7 +254,8 @@ def sweep(
     rows = df.to_dict("records")
     bar = tqdm(total=len(pending), desc="runs", disable=not progress or not pending,
                file=sys.stderr)
-    for row in _execute(pending, workers, executor, scheduler):
+    logs = Path(out).parent / f".{Path(out).stem}.submitit"  # submitit's job folder
+    for row in _execute(pending, workers, executor, scheduler, logs):
         rows.append(row)
         write_atomic(pd.DataFrame(rows), out)
         bar.update()

@@ -64,8 +64,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--executor", choices=["local", "dask"], default="local")
-    p.add_argument("--scheduler", default=None, help="dask scheduler address (with --executor dask)")
+    p.add_argument("--executor", choices=["local", "dask", "submitit"], default="local",
+                   help="local process pool, a dask.distributed cluster, or SLURM via submitit")
+    p.add_argument("--scheduler", default=None,
+                   help="dask scheduler address (--executor dask; default: a private local "
+                        "cluster), or submitit cluster 'slurm' or 'local' (default: SLURM if "
+                        "present)")
     p.add_argument("--out", type=Path, default=None,
                    help="results CSV (default results/rank_ablation.csv, "
                         "results/rank_ablation_quick.csv with --quick)")

@@ -85,3 +85,9 @@ def test_dask_executor_on_an_external_scheduler(tmp_path):
         df = sweep(SPECS, tmp_path / "d.csv", executor="dask", scheduler=cluster.scheduler_address,
                    progress=False)
     assert len(df) == 2 and (df["status"] == "ok").all()
+
+
+def test_submitit_executor_with_its_local_cluster(tmp_path):
+    df = sweep(SPECS, tmp_path / "s.csv", executor="submitit", scheduler="local", progress=False)
+    serial = sweep(SPECS, tmp_path / "serial.csv", progress=False)
+    pd.testing.assert_frame_equal(_metrics(df), _metrics(serial))
