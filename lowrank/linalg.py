@@ -22,6 +22,7 @@ __all__ = [
     "frobenius_objective",
     "fit_uv",
     "FitResult",
+    "random_projection_lowrank",
 ]
 
 
@@ -75,6 +76,21 @@ def eckart_young_error(W: Tensor, r: int) -> Tensor:
     _check_rank(W, r)
     S = torch.linalg.svdvals(W)
     return (S[r:] ** 2).sum()
+
+
+def random_projection_lowrank(W: Tensor, r: int, seed: int = 0) -> Tensor:
+    """W Q Qᵀ: W's rows projected onto a random r-dimensional subspace of its input space.
+
+    Q (in × r) is an orthonormal basis (QR) of a seeded standard Gaussian, so the subspace is
+    uniformly distributed. The result has rank ≤ r and error ≥ the Eckart–Young error, with
+    equality when the subspace contains the top-r right singular vectors of W.
+    """
+    _check_matrix(W)
+    _check_rank(W, r)
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(W.shape[1], r, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(G)[0].to(W)
+    return (W @ Q) @ Q.mT
 
 
 def nuclear_norm(W: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "
              "#F0E442"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 FULL_WIDTH = 7.0  # inches, two-column paper text width
+MIN_BOUND = 1e-3  # ratios to an Eckart–Young error below this are left out of the means
 
 LABELS = {
     "accuracy": "accuracy",
@@ -192,4 +193,112 @@ def overhead(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)),
                    frameon=False)
+        return save(fig, stem)
+
+
+def _method_label(method: str, lam_rel: float) -> str:
+    return method if method not in ("gd_uv", "closed_form") else f"{method} λ={lam_rel:g}σ₁"
+
+
+def reconstruction(df: pd.DataFrame, stem: str | os.PathLike,
+                   matrices: Sequence[str] | None = None) -> list[Path]:
+    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for a few matrices (the Eckart–Young bound a
+    black line, closed forms dashed in their gradient-descent colour), then a summary panel:
+    mean ratio to Eckart–Young per method over every matrix and rank where the bound is at
+    least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by the step budget)."""
+    if matrices is None:  # the synthetic spectra, then the first attention and MLP matrix
+        names = list(dict.fromkeys(df["matrix"]))
+        syn = [n for n in names if n.startswith("synthetic.")]
+        attn = [n for n in names if ".attention." in n][:1]
+        mlp = [n for n in names if n.startswith("minilm.") and ".attention." not in n][:1]
+        matrices = syn + attn + mlp
+    df = df.assign(label=[_method_label(m, c) for m, c in zip(df["method"], df["lam_rel"])])
+    gd = [_method_label("gd_uv", c) for c in sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())]
+    others = [m for m in ("svd", "randomized_svd", "random_projection", "lora_adam")
+              if m in set(df["method"])]
+    palette = [c for c in OKABE_ITO if c != "#000000"]  # black is the Eckart–Young line
+    styles = {m: {"color": palette[i % len(palette)], "marker": MARKERS[i]}
+              for i, m in enumerate(others + gd)}
+    for g in gd:
+        styles[g.replace("gd_uv", "closed_form")] = {"color": styles[g]["color"], "ls": "--",
+                                                     "marker": "", "lw": 0.8}
+    styles["svd"] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
+    n = len(matrices) + 1
+    cols = 3
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(FULL_WIDTH, 2.1 * ((n + 2) // 3)),
+                                 squeeze=False, constrained_layout=True)
+        flat = axes.ravel()
+        for ax, name in zip(flat, matrices):
+            sub = df[df["matrix"] == name]
+            ey = sub.groupby("rank")["eckart_young"].first()
+            ax.plot(ey.index, ey.to_numpy(), color="black", lw=1.6, label="Eckart–Young bound",
+                    zorder=1)
+            for lab, st in styles.items():
+                g = sub[sub["label"] == lab].sort_values("rank")
+                if len(g) and not (lab.startswith("closed_form") and g["lam_rel"].iloc[0] == 0):
+                    ax.plot(g["rank"], g["error"], label=lab, zorder=2, **st)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            short = name.replace("minilm.layer.", "MiniLM L").replace("attention.self.", "")
+            ax.set_title(f"{short} ({sub['rows'].iloc[0]}×{sub['cols'].iloc[0]})")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(r"$\|W-\hat W_r\|_F/\|W\|_F$")
+        ax = flat[len(matrices)]
+        mean = df[df["eckart_young"] >= MIN_BOUND].groupby("label")["ratio"].mean()
+        order = [lab for lab in styles if lab in mean.index]
+        ax.barh(range(len(order)), [mean[lab] for lab in order],
+                color=[styles[lab]["color"] for lab in order])
+        ax.set_yticks(range(len(order)), order)
+        ax.invert_yaxis()
+        for y, lab in enumerate(order):
+            ax.annotate(f"{mean[lab]:.3f}", (mean[lab], y), xytext=(2, 0), fontsize=6,
+                        textcoords="offset points", va="center")
+        ax.axvline(1.0, color="black", lw=1.0)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, mean.max() * 2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"mean error / Eckart–Young (bound ≥ {MIN_BOUND:g})")
+        for extra in flat[n:]:
+            extra.set_visible(False)
+        handles, labels = flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)
+        return save(fig, stem)
+
+
+def subspace(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """One row per adapted layer: φ(i, j) heat maps for each pair of runs (LoRA paper Figs. 3–4,
+    i down, j across, colour 0…1), then the amplification factor ‖ΔW‖_F/‖U_rᵀW₀V_r‖_F vs rank."""
+    phi, amp = df[df["kind"] == "phi"], df[df["kind"] == "amplification"]
+    layers = list(dict.fromkeys(phi["layer"]))
+    pairs = list(dict.fromkeys(phi["pair"]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(layers), len(pairs) + 1,
+                                 figsize=(FULL_WIDTH, 1.9 * len(layers) + 0.3), squeeze=False,
+                                 constrained_layout=True,
+                                 gridspec_kw={"width_ratios": [2.2] + [1] * len(pairs)})
+        image = None
+        for row, layer in zip(axes, layers):
+            for ax, pair in zip(row, pairs):
+                grid = phi[(phi["layer"] == layer) & (phi["pair"] == pair)].pivot(
+                    index="i", columns="j", values="phi")
+                image = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="viridis",
+                                  aspect="auto", interpolation="nearest",
+                                  extent=(0.5, grid.columns.max() + 0.5, grid.index.max() + 0.5, 0.5))
+                ax.grid(False)
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.set_title(f"{layer}: φ, {pair}")
+                ax.set_xlabel("j")
+                ax.set_ylabel("i")
+            ax = row[-1]
+            g = amp[(amp["layer"] == layer) & (amp["seed"] == 0)].sort_values("rank")
+            ax.plot(g["rank"], g["amplification"], color=OKABE_ITO[0], marker=MARKERS[0])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(r"$\|\Delta W\|_F / \|U_r^\top W_0 V_r\|_F$")
+            ax.set_title(f"{layer}: amplification")
+        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="φ", shrink=0.8)
         return save(fig, stem)
