@@ -42,7 +42,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dims", nargs="+", type=int, default=[768, 1024, 4096])
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 64])
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--reps", type=int, default=15, help="interleaved rounds (fewer at d ≥ 4096)")
+    p.add_argument("--reps", type=int, default=10, help="interleaved rounds (a third of them at d ≥ 4096)")
     p.add_argument("--variants", nargs="+", default=None, help="default: every registered variant")
     p.add_argument("--big-variants", nargs="+", default=["lora", "dora"],
                    help="variants timed at d ≥ 4096 (every one is slow there on a CPU)")
