@@ -96,18 +96,30 @@ def _write_dir(path: Path, files: dict[str, Any]) -> Path:
     return path
 
 
+def _read_dir(path: Path, config_name: str, tensors_name: str, kind: str, writer: str
+              ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(parsed JSON config, tensors) of an adapter directory; one sentence for each way it
+    can be broken (missing files, invalid JSON, damaged safetensors)."""
+    if not (path / config_name).is_file() or not (path / tensors_name).is_file():
+        raise AdapterFileError(
+            f"{path} is not a {kind} adapter directory (needs {config_name} and {tensors_name}); "
+            f"pass the directory written by {writer}"
+        )
+    try:
+        config = json.loads((path / config_name).read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path / config_name} is not valid JSON ({e}); re-save the adapter") from e
+    try:
+        tensors = load_file(path / tensors_name)
+    except (SafetensorError, OSError) as e:
+        raise AdapterFileError(f"{path / tensors_name} is damaged ({e}); re-save the adapter") from e
+    return config, tensors
+
+
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The (config, tensors) of a saved adapter directory, validated as a file format."""
     path = Path(path)
-    if not (path / CONFIG).is_file() or not (path / TENSORS).is_file():
-        raise AdapterFileError(
-            f"{path} is not a lowrank adapter directory (needs {CONFIG} and {TENSORS}); "
-            "pass the directory written by lr.save_adapters"
-        )
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{path / CONFIG} is not valid JSON ({e}); re-save the adapter") from e
+    config, tensors = _read_dir(path, CONFIG, TENSORS, "lowrank", "lr.save_adapters")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise AdapterFileError(f"{path / CONFIG} is not a lowrank adapter config; re-save it")
     if config.get("version") != FORMAT_VERSION:
@@ -115,10 +127,6 @@ def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
             f"{path} uses adapter format version {config.get('version')!r}, this lowrank "
             f"({__version__}) reads version {FORMAT_VERSION}; upgrade lowrank or re-save"
         )
-    try:
-        tensors = load_file(path / TENSORS)
-    except (SafetensorError, OSError) as e:
-        raise AdapterFileError(f"{path / TENSORS} is damaged ({e}); re-save the adapter") from e
     return config, tensors
 
 
@@ -246,21 +254,10 @@ _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not (path / PEFT_CONFIG).is_file() or not (path / PEFT_TENSORS).is_file():
-        raise AdapterFileError(
-            f"{path} is not a PEFT adapter directory (needs {PEFT_CONFIG} and {PEFT_TENSORS}); "
-            "pass the directory written by PeftModel.save_pretrained"
-        )
-    try:
-        config = json.loads((path / PEFT_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{path / PEFT_CONFIG} is not valid JSON ({e})") from e
+    config, tensors = _read_dir(path, PEFT_CONFIG, PEFT_TENSORS, "PEFT",
+                                "PeftModel.save_pretrained")
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path / PEFT_CONFIG} is not a PEFT adapter config")
-    try:
-        tensors = load_file(path / PEFT_TENSORS)
-    except (SafetensorError, OSError) as e:
-        raise AdapterFileError(f"{path / PEFT_TENSORS} is damaged ({e})") from e
     return config, tensors
 
 
