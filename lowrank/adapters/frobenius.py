@@ -37,8 +37,7 @@ class FrobeniusUV(LowRankAdapter):
         if init == "closed_form":
             W = base.weight.detach().to(torch.float64)
             U, S, Vh = truncated_svd(frobenius_lowrank(W, self.rank, self.lam), self.rank)
-            root = (S / self.scale).sqrt()
-            self.start_from(B0=U * root, A0=root[:, None] * Vh)
+            self.start_from_svd(U, S, Vh)
 
     def penalty(self) -> Tensor:
         return self.lam * self.scale * (self.A.square().sum() + self.B.square().sum())

@@ -57,6 +57,12 @@ class LowRankAdapter(Adapter):
         self.A.copy_(self.A0)
         self.B.copy_(self.B0)
 
+    def start_from_svd(self, U: Tensor, S: Tensor, Vh: Tensor) -> None:
+        """:meth:`start_from` singular triplets: B₀ = U√(S/s), A₀ = √(S/s)Vh, so that
+        s·B₀A₀ = U diag(S) Vh (PiSSA's balanced split, Meng et al. 2024)."""
+        root = (S / self.scale).sqrt()
+        self.start_from(B0=U * root, A0=root[:, None] * Vh)
+
     @property
     def w0(self) -> Tensor:
         if self.A0 is None:

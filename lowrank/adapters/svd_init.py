@@ -40,8 +40,7 @@ class PiSSA(LowRankAdapter):
             U, S, Vh = U[:, -self.rank:], S[-self.rank:], Vh[-self.rank:]
         else:
             U, S, Vh = truncated_svd(W, self.rank, method=svd, niter=niter, seed=seed)
-        root = (S / self.scale).sqrt()
-        self.start_from(B0=U * root, A0=root[:, None] * Vh)
+        self.start_from_svd(U, S, Vh)
 
     def config(self) -> dict:
         return {**super().config(), "svd": self.svd, "niter": self.niter}
