@@ -34,18 +34,26 @@ class AdapterFileError(ValueError):
     """An adapter directory that cannot be loaded into this model."""
 
 
+def _writable(model: nn.Module, path: str | os.PathLike, overwrite: bool, verb: str
+              ) -> tuple[Path, dict[str, Adapter]]:
+    """The adapters to write and the destination, refusing an empty model or, without
+    ``overwrite``, an existing path."""
+    ads = adapters(model)
+    if not ads:
+        raise ValueError(f"the model has no adapters to {verb}; call lr.inject(model, ...) first")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    return path, ads
+
+
 def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write every adapter of ``model`` (and its ``modules_to_save``) to the directory ``path``.
 
     The directory is written next to its destination and renamed into place, so a crash never
     leaves a half-written adapter. An existing ``path`` is replaced only with ``overwrite=True``.
     """
-    path = Path(path)
-    ads = adapters(model)
-    if not ads:
-        raise ValueError("the model has no adapters to save; call lr.inject(model, ...) first")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    path, ads = _writable(model, path, overwrite, "save")
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     for name, ad in ads.items():
@@ -430,12 +438,7 @@ def to_peft(model: nn.Module, adapter_dir: str | os.PathLike, overwrite: bool = 
     (out, in) among the adapted layers. The directory is written atomically; an existing one is
     replaced only with ``overwrite=True``.
     """
-    path = Path(adapter_dir)
-    ads = adapters(model)
-    if not ads:
-        raise ValueError("the model has no adapters to export; call lr.inject(model, ...) first")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+    path, ads = _writable(model, adapter_dir, overwrite, "export")
     variant = _uniform(ads, "variant", lambda ad: ad.name)
     if variant not in ("lora", "rslora", "dora", "vera"):
         raise ValueError(f"to_peft writes lora, rslora, dora and vera adapters, not {variant!r}; "
