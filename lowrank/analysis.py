@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "singular_values",
@@ -26,6 +27,7 @@ __all__ = [
     "md_correlation",
     "forgetting",
     "spectrum_summary",
+    "weight_report",
 ]
 
 
@@ -143,3 +145,34 @@ def spectrum_summary(dW: Tensor, k: int = 8) -> dict[str, float]:
         "rank90": rank_for_energy(dW, 0.9),
         f"energy_top{k}": energy_top_k(dW, k),
     }
+
+
+def weight_report(model: nn.Module, top: int = 64, intruder_k: int = 10,
+                  intruder_eps: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Per adapted layer of ``model``: the spectrum of ΔW = ``delta_weight()`` (its ``top``
+    largest singular values, effective and stable rank, rank for 90 % energy, the share of
+    ‖ΔW‖²_F in the adapter's rank r), ‖ΔW‖_F, ‖W₀‖_F, DoRA's ΔM and ΔD of W₀ + ΔW against W₀,
+    and the intruder dimensions of W₀ + ΔW among its top ``intruder_k`` (ε = ``intruder_eps``)."""
+    from .inject import adapters
+
+    out = {}
+    for name, ad in adapters(model).items():
+        dW, W0 = _matrix(ad.delta_weight()), _matrix(ad.w0)
+        sv = torch.linalg.svdvals(dW)
+        dm, dd = magnitude_direction(W0 + dW, W0)
+        out[name] = {
+            "variant": ad.name,
+            "rank": ad.rank,
+            "shape": list(dW.shape),
+            "sv": [float(x) for x in sv[:top]],
+            "fro_norm": float(dW.norm()),
+            "w0_norm": float(W0.norm()),
+            "effective_rank": effective_rank(dW),
+            "stable_rank": stable_rank(dW),
+            "rank90": rank_for_energy(dW, 0.9),
+            "energy_in_rank": energy_top_k(dW, ad.rank),
+            "delta_magnitude": dm,
+            "delta_direction": dd,
+            "intruders": intruder_dimensions(W0 + dW, W0, intruder_k, intruder_eps),
+        }
+    return out

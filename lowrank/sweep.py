@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .inject import inject
-from .train import NonFiniteLossError, TrainConfig, seed_everything, train
+from .train import (
+    NonFiniteLossError,
+    TrainConfig,
+    fgsm,
+    pgd,
+    robust_accuracy,
+    seed_everything,
+    train,
+)
 
 KEY = "run_id"
 
@@ -50,9 +58,15 @@ class RunSpec:
     task_options: dict[str, Any] = field(default_factory=dict)
     variant_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields besides seed, lr
+    measure: tuple[str, ...] = ()  # measurements after training, names of MEASURES
 
     def canonical(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        d = asdict(self)
+        if not d["measure"]:  # so run_ids from before the field existed stay valid
+            del d["measure"]
+        else:
+            d["measure"] = sorted(d["measure"])
+        return json.dumps(d, sort_keys=True, default=str)
 
     @property
     def run_id(self) -> str:
@@ -103,8 +117,33 @@ def training_hooks(model: Any, variant: str, total_steps: int) -> list:
     return list(make_hooks(model, total_steps)) if make_hooks else []
 
 
+def _weights(model: Any, task: Any, config: TrainConfig) -> dict[str, Any]:
+    """Column ``weights``: :func:`lowrank.analysis.weight_report` of every layer, as JSON."""
+    from .analysis import weight_report
+
+    return {"weights": json.dumps(weight_report(model))}
+
+
+def _robustness(model: Any, task: Any, config: TrainConfig) -> dict[str, Any]:
+    """Test accuracy clean, under FGSM and under 10-step PGD, at ε = ``config.adv_eps``."""
+    eps = config.adv_eps
+    return {"robust_eps": eps,
+            "test_clean_accuracy": robust_accuracy(model, task, "test", None),
+            "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps)),
+            "test_pgd_accuracy": robust_accuracy(model, task, "test",
+                                                 pgd(eps, ROBUST_PGD_STEPS, config.seed))}
+
+
+ROBUST_PGD_STEPS = 10
+# What RunSpec.measure may ask for after training: name → (model, task, config) → row columns.
+MEASURES = {"weights": _weights, "robustness": _robustness}
+
+
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Build the task's pretrained model, inject the variant, train, and return the row."""
+    unknown = sorted(set(spec.measure) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"measure {unknown} is unknown; choose from {', '.join(MEASURES)}")
     task = _task(spec.task, json.dumps(spec.task_options, sort_keys=True))
     config = TrainConfig(seed=spec.seed, lr=spec.lr, quiet=True, **spec.train)
     seed_everything(spec.seed)
@@ -136,6 +175,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         result = train(model, task, config, hooks=training_hooks(model, spec.variant, config.steps))
     except NonFiniteLossError as e:
         return {**row, "status": "diverged", "error": str(e)}
+    measured = {k: v for name in spec.measure for k, v in MEASURES[name](model, task, config).items()}
     return {
         **row,
         "status": "ok",
@@ -144,6 +184,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "train_seconds": round(result.train_seconds, 4),
         "peak_mem_mb": round(result.peak_mem_mb, 1),
         **result.metrics,
+        **measured,
     }
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .inject import adapters
+from .tasks.base import evaluating
 
 Hook = Callable[[nn.Module, int], None]
 Perturb = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
@@ -122,6 +123,24 @@ def pgd(eps: float, steps: int = 3, seed: int = 0) -> Perturb:
         return z + delta.detach()
 
     return perturb
+
+
+def robust_accuracy(model: nn.Module, task: Any, split: str, perturb: Perturb | None,
+                    batch_size: int = 512) -> float:
+    """Accuracy on ``split`` with every input representation z moved by ``perturb(z, loss)``
+    first (None: clean accuracy); eval mode, gradients only with respect to z."""
+    tensors = task.split(split).tensors
+    correct = 0
+    with evaluating(model):
+        for i in range(0, len(tensors[0]), batch_size):
+            batch = tuple(t[i : i + batch_size] for t in tensors)
+            z = task.embed(model, batch)
+            if perturb is not None:
+                with torch.enable_grad():
+                    z = perturb(z, lambda z_, b=batch: task.criterion(task.head(model, z_, b), b))
+            out = task.head(model, z, batch)
+            correct += int((out.argmax(-1).cpu() == batch[-1]).sum())
+    return correct / len(tensors[0])
 
 
 class PeakMemory:
