@@ -302,3 +302,47 @@ def subspace(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
             ax.set_title(f"{layer}: amplification")
         fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="φ", shrink=0.8)
         return save(fig, stem)
+
+
+def downstream(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory, mean ±
+    std over seeds, the Pareto front over both; the linear probe is a dashed line."""
+    datasets = list(dict.fromkeys(df["dataset"]))
+    if not datasets:
+        raise ValueError("no finished runs to plot; run the study first")
+    styles = style_for([v for v in df["variant"].unique() if v != "probe"])
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(datasets), 2, figsize=(FULL_WIDTH, 2.4 * len(datasets)),
+                                 squeeze=False, constrained_layout=True)
+        for row, dataset in zip(axes, datasets):
+            sub = df[df["dataset"] == dataset]
+            s = (sub.groupby(["variant", "rank"], dropna=False)
+                 .agg(mean=("test_accuracy", "mean"), std=("test_accuracy", "std"),
+                      params=("trainable_params", "mean"), mem=("peak_mem_mb", "mean"))
+                 .reset_index())
+            probe = s[s["variant"] == "probe"]
+            runs = s[s["variant"] != "probe"]
+            for ax, col, xlabel in ((row[0], "params", "trainable parameters"),
+                                    (row[1], "mem", "peak memory of the run (MiB)")):
+                for _, p in probe.iterrows():
+                    ax.axhline(p["mean"], color="0.4", lw=0.8, ls="--", zorder=0,
+                               label="linear probe")
+                for _, r in runs.iterrows():
+                    ax.errorbar(r[col], r["mean"], yerr=np.nan_to_num(r["std"]), capsize=1.5,
+                                label=r["variant"], ls="none", **styles[r["variant"]])
+                    tag = "" if pd.isna(r["rank"]) else f"r{int(r['rank'])}"
+                    ax.annotate(tag, (r[col], r["mean"]), fontsize=5, xytext=(2, -6),
+                                textcoords="offset points")
+                x, y = runs[col].to_numpy(float), runs["mean"].to_numpy(float)
+                front = pareto_front(x, y, True)
+                ax.step(x[front], y[front], where="post", color="0.2", lw=0.8, label="Pareto front")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(f"{dataset}: test accuracy")
+            row[0].set_xscale("log")
+        by: dict = {}
+        for ax in axes.flat:
+            h, labels = ax.get_legend_handles_labels()
+            by.update(zip(labels, h))
+        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
+                   frameon=False)
+        return save(fig, stem)

