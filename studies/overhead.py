@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print(f"{args.out} has no rows; run without --plot-only first", file=sys.stderr)
         return 1
-    plots.overhead(df, args.figure)
+    paths = plots.overhead(df, args.figure)
     show = df[df["config"].isin(["lora", "lora (merged)", "dora", "dora (merged)", "peft lora",
                                  "peft dora", "full"])]
     table = show.pivot_table(index=["d", "rank", "config"], columns="kind",
                              values="ratio_to_base").round(3)
     print(table.to_string())
+    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
     return 0
 
 

@@ -1,0 +1,77 @@
+"""Redraw every paper figure (and the downstream table) from the CSVs in results/, training nothing.
+
+Each study draws its own figure from its own CSV (`--plot-only`); this script runs them all in
+one go, so the figures in paper_figures/ always match the committed results. A study whose CSV
+is missing is reported and skipped; the exit code is 1 if any figure could not be drawn.
+
+    python studies/make_figures.py              # every figure whose CSV exists
+    python studies/make_figures.py --only spectra downstream
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+# (study script, extra arguments, its results CSV relative to the repository)
+FIGURES = [
+    ("rank_ablation", [], "results/rank_ablation.csv"),
+    ("reconstruction", [], "results/reconstruction.csv"),
+    ("subspace", [], "results/subspace.csv"),
+    ("overhead", [], "results/overhead.csv"),
+    ("spectra", [], "results/spectra_runs.csv"),
+    ("downstream", [], "results/downstream.csv"),
+    ("downstream", ["--paper"], "results/downstream_paper.csv"),
+    ("continual", [], "results/continual.csv"),
+    ("robustness", [], "results/robustness.csv"),
+]
+
+
+def load(name: str):
+    """The study script ``studies/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"study_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = sorted({name for name, _, _ in FIGURES})
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=names, default=names, metavar="STUDY",
+                   help=f"studies to redraw (default all: {', '.join(names)})")
+    args = p.parse_args(argv)
+    failed = []
+    for name, extra, csv in FIGURES:
+        if name not in args.only:
+            continue
+        label = " ".join([name, *extra])
+        if not (ROOT.parent / csv).exists():
+            print(f"skipped {label}: {csv} does not exist (run studies/{name}.py {' '.join(extra)})")
+            failed.append(label)
+            continue
+        start, log = time.perf_counter(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                code = load(name).main(["--plot-only", *extra])
+        except Exception as e:  # one broken study must not stop the others
+            code, log = 1, io.StringIO(f"{type(e).__name__}: {e}")
+        if code:
+            print(f"FAILED {label}:\n{log.getvalue()[-2000:]}")
+            failed.append(label)
+        else:
+            drawn = [ln for ln in log.getvalue().splitlines() if ln.startswith(("figure:", "table:"))]
+            print(f"redrew {label} in {time.perf_counter() - start:.1f} s: {'; '.join(drawn)}")
+    if failed:
+        print(f"not drawn: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
