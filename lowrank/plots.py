@@ -321,9 +321,10 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
     if not tasks:
         raise ValueError("no layer rows to plot; run the study first")
     ranked = sorted(v for v in lay["variant"].unique() if v != "full")
-    styles = style_for(ranked)
-    for i, v in enumerate(ranked):
-        styles[v]["ls"] = "-" if i < len(OKABE_ITO) else "--"  # colours repeat after eight
+    # black is full fine-tuning's and yellow is faint: six colours, solid then dashed
+    palette = [c for c in OKABE_ITO if c not in ("#000000", "#F0E442")]
+    styles = {v: {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
+                  "ls": "-" if i < len(palette) else "--"} for i, v in enumerate(ranked)}
     full = {"color": "black", "ls": "--", "lw": 1.0}
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(tasks), 4, figsize=(FULL_WIDTH, 2.0 * len(tasks) + 0.5),
@@ -371,7 +372,7 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
                 ax.set_yscale("log", base=2)
                 ax.set_xlabel("allotted rank r")
                 ax.set_ylabel(ylab)
-                ax.set_title(f"{task}: layer mean")
+                ax.set_title(f"{task}: mean over layers")
         by: dict = {}
         for ax in axes.ravel():
             for h, lab in zip(*ax.get_legend_handles_labels()):
