@@ -343,6 +343,81 @@ def downstream(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         for ax in axes.flat:
             h, labels = ax.get_legend_handles_labels()
             by.update(zip(labels, h))
+
+
+
+def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
+    """One row per task: σᵢ/σ₁ of ΔW vs i at the rank nearest ``spectrum_rank`` for the B·A
+    family and for the other variants (median over layers and seeds, interquartile band; full
+    fine-tuning's W − W₀ in black), then effective rank and rank90 vs r (layer mean; mean ± std
+    over seeds; full fine-tuning a band, y = r dotted). ``df`` is the spectra study's table."""
+    # B·A adapters (rank ≤ r, ≤ 2r when B₀A₀ is subtracted); the rest get the second panel
+    ba_family = ("lora", "rslora", "pissa", "milora", "random_alignment", "frobenius")
+    lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
+    names = [t if not isinstance(d, str) or not d else f"{t} ({d})"
+             for t, d in zip(df["task"], df["dataset"])]
+    df = df.assign(_task=names)
+    lay, sv = df.loc[lay.index], df.loc[sv.index]
+    tasks = list(dict.fromkeys(lay["_task"]))
+    if not tasks:
+        raise ValueError("no layer rows to plot; run the study first")
+    ranked = sorted(v for v in lay["variant"].unique() if v != "full")
+    # black is full fine-tuning's and yellow is faint: six colours, solid then dashed
+    palette = [c for c in OKABE_ITO if c not in ("#000000", "#F0E442")]
+    styles = {v: {"color": palette[i % len(palette)], "marker": MARKERS[i % len(MARKERS)],
+                  "ls": "-" if i < len(palette) else "--"} for i, v in enumerate(ranked)}
+    full = {"color": "black", "ls": "--", "lw": 1.0}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(tasks), 4, figsize=(FULL_WIDTH, 2.0 * len(tasks) + 0.5),
+                                 squeeze=False, constrained_layout=True)
+        for row, task in zip(axes, tasks):
+            L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
+            ranks = sorted({int(r) for r in L["rank"].dropna()})
+            r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
+            groups = [[v for v in ranked if v in ba_family], [v for v in ranked if v not in ba_family]]
+            for ax, group, title in zip(row[:2], groups, ("B·A family", "other variants")):
+                for v in ["full", *group]:
+                    g = S[(S["variant"] == v) & ((S["rank"] == r_star) if v != "full" else True)]
+                    if g.empty:
+                        continue
+                    q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
+                    st = full if v == "full" else {"color": styles[v]["color"], "ls": styles[v]["ls"],
+                                                   "marker": styles[v]["marker"], "markevery": 8,
+                                                   "markersize": 3}
+                    ax.plot(q.index, q[0.5], label="full fine-tuning" if v == "full" else v, **st)
+                    ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
+                if r_star:
+                    ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
+                ax.set_yscale("log")
+                ax.set_ylim(1e-9, 2)
+                ax.set_xlabel("index i")
+                ax.set_ylabel(r"$\sigma_i/\sigma_1$ of $\Delta W$")
+                ax.set_title(f"{task}: {title}, r = {r_star}")
+            for ax, col, ylab in ((row[2], "effective_rank", "effective rank of ΔW"),
+                                  (row[3], "rank90", "rank for 90 % energy")):
+                per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
+                s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
+                for _, f in s[s["variant"] == "full"].iterrows():
+                    sd = 0.0 if pd.isna(f["std"]) else f["std"]
+                    ax.axhspan(f["mean"] - sd, f["mean"] + sd, color="0.85", zorder=0)
+                    ax.axhline(f["mean"], zorder=0, label="full fine-tuning", **full)
+                for v in ranked:
+                    g = s[s["variant"] == v].sort_values("rank")
+                    if len(g):
+                        ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
+                                    label=v, color=styles[v]["color"], ls=styles[v]["ls"],
+                                    marker=styles[v]["marker"])
+                if ranks:
+                    ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log", base=2)
+                ax.set_xlabel("allotted rank r")
+                ax.set_ylabel(ylab)
+                ax.set_title(f"{task}: mean over layers")
+        by: dict = {}
+        for ax in axes.ravel():
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                by.setdefault(lab, h)
         fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
                    frameon=False)
         return save(fig, stem)

@@ -25,7 +25,7 @@ FIGURES = [
     ("reconstruction", [], "results/reconstruction.csv"),
     ("subspace", [], "results/subspace.csv"),
     ("overhead", [], "results/overhead.csv"),
-    ("spectra", [], "results/spectra_runs.csv"),
+    ("spectra", [], "results/spectra.csv"),
     ("downstream", [], "results/downstream.csv"),
     ("downstream", ["--paper"], "results/downstream_paper.csv"),
     ("continual", [], "results/continual.csv"),
