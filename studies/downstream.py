@@ -54,7 +54,7 @@ PRESETS = {
                 "budgets": [8], "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2],
                 "steps": 40, "batch_size": 32, "max_train": 1000, "max_eval": 200},
     "paper": {"datasets": ["movies", "trec"], "variants": ALL_VARIANTS, "budgets": [8],
-              "ranks": [8], "seeds": 3, "lr_grid": [1e-4, 1e-3, 1e-2], "steps": 100,
+              "ranks": [8], "seeds": 3, "lr_grid": [1e-4, 1e-3, 1e-2, 3e-2], "steps": 100,
               "batch_size": 32, "max_train": 2000, "max_eval": 400},
     "quick": {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "ranks": [],
               "seeds": 1, "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64,
@@ -256,9 +256,10 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
     return df
 
 
-def table(df: pd.DataFrame, roles: dict, model_params: int) -> str:
-    """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs."""
-    lines = []
+def table(df: pd.DataFrame, roles: dict, model_params: int, grid: list[float]) -> str:
+    """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs;
+    a learning rate at either end of ``grid`` is marked †."""
+    lines, edges = [], (min(grid), max(grid))
     for dataset, sub in df.groupby("dataset", sort=False):
         lines += [f"### {dataset}", "",
                   "| method | rank | compared at | trainable params | % of model | test accuracy "
@@ -277,9 +278,11 @@ def table(df: pd.DataFrame, roles: dict, model_params: int) -> str:
                 f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
-                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}'} | "
+                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}' + ('†' if r.lr in edges else '')} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
+    lines.append(f"† the best of the searched learning rates ({', '.join(f'{x:g}' for x in grid)}) "
+                 "is at the edge of the grid.")
     return "\n".join(lines)
 
 
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = reported(df, specs, args)
     model_params = sum(p.numel() for p in lr.tasks.get("text").pretrained().encoder.parameters())
-    text = table(rows, roles, model_params)
+    text = table(rows, roles, model_params, args.lr_grid)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.table.with_name(f".{args.table.name}.tmp")
     tmp.write_text(f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"

@@ -64,6 +64,7 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     md = table.read_text()
     assert "| vera | 384 | budget of LoRA r=2 (closest it can reach) |" in md
     assert "| probe | — | baseline |" in md
+    assert "† the best of the searched learning rates (0.003) is at the edge" in md
     for ext in ("pdf", "png"):
         assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
     assert b"/FontFile2" in fig.with_suffix(".pdf").read_bytes()
