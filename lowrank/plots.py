@@ -317,7 +317,7 @@ def robustness(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
              ("test_pgd_accuracy", "PGD-10")]
     df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
-    configs = list(dict.fromkeys(df.sort_values("variant", key=lambda s: s != "full")["config"]))
+    configs = sorted(dict.fromkeys(df["config"]), key=lambda c: c != "full")  # stable: full first
     offset = {m: (i - (len(modes) - 1) / 2) * 0.22 for i, m in enumerate(modes)}
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(tasks), 3, sharey=True, squeeze=False, constrained_layout=True,
