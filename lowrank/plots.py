@@ -420,4 +420,41 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
                 by.setdefault(lab, h)
         fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
                    frameon=False)
+
+
+def robustness(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per task (row) three panels, test accuracy clean, under FGSM and under PGD at the runs' ε;
+    one line per variant (and rank), one marker per training mode (plain, FGSM- or PGD-regularised),
+    mean ± std over seeds as horizontal error bars."""
+    df = df[df["status"] == "ok"].assign(mode=lambda d: d["adversarial"].fillna("none").astype(str))
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    modes = [m for m in ("none", "fgsm", "pgd") if m in set(df["mode"])]
+    names = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
+    evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
+             ("test_pgd_accuracy", "PGD-10")]
+    df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
+    configs = sorted(dict.fromkeys(df["config"]), key=lambda c: c != "full")  # stable: full first
+    offset = {m: (i - (len(modes) - 1) / 2) * 0.22 for i, m in enumerate(modes)}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(tasks), 3, sharey=True, squeeze=False, constrained_layout=True,
+                                 figsize=(FULL_WIDTH, 0.32 * len(configs) * len(tasks) + 1.0))
+        for row, task in zip(axes, tasks):
+            sub = df[df["task"] == task]
+            eps = ", ".join(f"{e:g}" for e in sorted(sub["robust_eps"].unique()))
+            for ax, (col, name) in zip(row, evals):
+                for i, m in enumerate(modes):
+                    g = sub[sub["mode"] == m].groupby("config")[col].agg(["mean", "std"])
+                    ys = [configs.index(c) + offset[m] for c in g.index]
+                    ax.errorbar(g["mean"], ys, xerr=g["std"].fillna(0), ls="", capsize=1.5,
+                                color=OKABE_ITO[i], marker=MARKERS[i], label=names[m])
+                ax.set_xlim(-0.02, 1.02)
+                ax.set_xlabel(f"test accuracy, {name}" + ("" if name == "clean" else f" (ε = {eps})"))
+                ax.set_title(f"{task}: {name}")
+                ax.grid(axis="y", visible=False)
+            row[0].set_yticks(range(len(configs)), configs)
+        axes[0, 0].invert_yaxis()  # shared y: once for all panels; full on top
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=len(modes), frameon=False)
         return save(fig, stem)
