@@ -343,7 +343,9 @@ def downstream(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         for ax in axes.flat:
             h, labels = ax.get_legend_handles_labels()
             by.update(zip(labels, h))
-
+        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
+                   frameon=False)
+        return save(fig, stem)
 
 
 def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
@@ -420,6 +422,7 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
                 by.setdefault(lab, h)
         fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
                    frameon=False)
+        return save(fig, stem)
 
 
 def robustness(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:

@@ -44,6 +44,7 @@ from .train import (
 )
 
 KEY = "run_id"
+GROUP = "group_id"  # the runs that share one learning-rate search
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return hashlib.sha1(self.canonical().encode()).hexdigest()[:16]
+
+    @property
+    def group_id(self) -> str:
+        """The runs that share one learning-rate search: everything but seed and lr."""
+        return replace(self, seed=0, lr=0.0).run_id
 
     def __hash__(self) -> int:
         return hash(self.canonical())
@@ -126,12 +132,12 @@ def _weights(model: Any, task: Any, config: TrainConfig) -> dict[str, Any]:
 
 def _robustness(model: Any, task: Any, config: TrainConfig) -> dict[str, Any]:
     """Test accuracy clean, under FGSM and under 10-step PGD, at ε = ``config.adv_eps``."""
-    eps = config.adv_eps
+    eps, bounds = config.adv_eps, getattr(task, "input_bounds", None)
     return {"robust_eps": eps,
             "test_clean_accuracy": robust_accuracy(model, task, "test", None),
-            "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps)),
+            "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps, bounds)),
             "test_pgd_accuracy": robust_accuracy(model, task, "test",
-                                                 pgd(eps, ROBUST_PGD_STEPS, config.seed))}
+                                                 pgd(eps, ROBUST_PGD_STEPS, config.seed, bounds))}
 
 
 ROBUST_PGD_STEPS = 10
@@ -155,6 +161,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
            seed=spec.seed, **options)
     row: dict[str, Any] = {
         KEY: spec.run_id,
+        GROUP: spec.group_id,
         "task": spec.task,
         "variant": spec.variant,
         "rank": spec.rank,
@@ -304,19 +311,30 @@ def sweep(
     return pd.DataFrame(rows) if rows else df
 
 
+LEGACY_GROUP = ["task", "variant", "rank", "task_options", "variant_options"]
+
+
+def groups(df: pd.DataFrame) -> pd.Series:
+    """Each row's learning-rate search group: ``group_id`` (every field of the spec but seed and
+    lr, so training configurations never share a search), or for rows written before that
+    column existed, their (task, variant, rank, options)."""
+    legacy = pd.Series(["|".join(map(str, t)) for t in df[LEGACY_GROUP].itertuples(index=False)],
+                       index=df.index, dtype=object)
+    return df[GROUP].fillna(legacy) if GROUP in df else legacy
+
+
 def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
-    """The learning rate each (task, variant, rank, options) reached its best dev
+    """The learning rate each search group (:func:`groups`) reached its best dev
     ``selection_metric`` with (default: the headline metric), at ``search_seed``; diverged runs
-    count as worst. Columns: group keys + ``lr``."""
-    groups = ["task", "variant", "rank", "task_options", "variant_options"]
-    df = df[df["seed"] == search_seed].copy()
+    count as worst. Columns: ``group``, the legacy group columns and ``lr``."""
+    df = df[df["seed"] == search_seed].assign(group=groups)
     chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
     metric = "dev_" + chosen_on.fillna(df["metric"])
     df["_dev"] = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
     sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
     df["_score"] = (df["_dev"] * sign).fillna(float("inf"))
-    pick = df.sort_values(["_score", "lr"]).groupby(groups, dropna=False, sort=False).head(1)
-    return pick[groups + ["lr"]].reset_index(drop=True)
+    pick = df.sort_values(["_score", "lr"]).groupby("group", sort=False).head(1)
+    return pick[["group", *LEGACY_GROUP, "lr"]].reset_index(drop=True)
 
 
 def tuned_sweep(
@@ -327,41 +345,43 @@ def tuned_sweep(
     **execute: Any,
 ) -> pd.DataFrame:
     """Per-variant learning-rate search on dev at ``seeds[0]``, then the other seeds at the best
-    learning rate. ``base`` holds one spec per (task, variant, rank, options); its seed and lr
-    are replaced. Returns the rows of the chosen learning rates for every seed, with column
-    ``lr_selection`` describing how the rate was chosen."""
+    learning rate. ``base`` holds one spec per (task, variant, rank, options, training config);
+    its seed and lr are replaced. Returns the rows of the chosen learning rates for every seed;
+    in the CSV, ``lr_selected`` marks exactly those rows of these groups (a row chosen by an
+    earlier, different grid loses the mark) and ``lr_selection`` says how they were chosen."""
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
     search = [replace(s, seed=seeds[0], lr=lr) for s in base for lr in lr_grid]
-    df = sweep(search, out, **execute)
-    chosen = best_lr(df, seeds[0])
-    lookup = {
-        (r.task, r.variant, None if pd.isna(r.rank) else int(r.rank), r.task_options,
-         r.variant_options): r.lr
-        for r in chosen.itertuples()
-    }
-
-    def key(s: RunSpec) -> tuple:
-        return (s.task, s.variant, s.rank, json.dumps(s.task_options, sort_keys=True),
-                json.dumps(s.variant_options, sort_keys=True))
-
-    final = [replace(s, seed=seed, lr=lookup[key(s)]) for s in base for seed in seeds]
-    df = sweep(final, out, **execute)
-    ids = {s.run_id for s in final}
+    ids = {s.group_id for s in base}
+    df = _with_groups(sweep(search, out, **execute), search)
+    chosen = best_lr(df[df[GROUP].isin(ids)], seeds[0])
+    lookup = dict(zip(chosen["group"], chosen["lr"]))
+    final = [replace(s, seed=seed, lr=lookup[s.group_id]) for s in base for seed in seeds]
+    df = _with_groups(sweep(final, out, **execute), search + final)
+    selected = df[KEY].isin({s.run_id for s in final})
+    earlier = df["lr_selected"].fillna(False).astype(bool) if "lr_selected" in df else False
+    df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(ids))
     grid = "/".join(f"{x:g}" for x in lr_grid)
     how = f"best dev {{}} of lr {grid} at seed {seeds[0]}, reused for the other seeds"
-    selected = df[KEY].isin(ids)
-    # Say in the CSV itself which rows are the reported ones and how their lr was chosen.
-    df["lr_selected"] = selected | (df["lr_selected"].fillna(False).astype(bool)
-                                    if "lr_selected" in df else False)
     chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
+    if "lr_selection" not in df:
+        df["lr_selection"] = None
+    df["lr_selection"] = df["lr_selection"].where(df["lr_selected"], None)
     df.loc[selected, "lr_selection"] = [how.format(m) for m in chosen_on[selected]]
     write_atomic(df, out)
     return df[selected].copy()
 
 
+def _with_groups(df: pd.DataFrame, specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """``df`` with ``group_id`` filled in from ``specs`` by run_id (rows of older versions)."""
+    known = {s.run_id: s.group_id for s in specs}
+    filled = df[KEY].map(known)
+    df[GROUP] = filled.fillna(df[GROUP]) if GROUP in df else filled
+    return df
+
+
 def tuned_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows run at each (task, variant, rank, options)' dev-chosen learning rate
-    (:func:`best_lr`): what the rank-ablation figure shows."""
-    keys = ["task", "variant", "rank", "task_options", "variant_options", "lr"]
-    return df.merge(best_lr(df), on=keys, how="inner")
+    """The rows run at each search group's dev-chosen learning rate (:func:`best_lr`), every
+    seed: what the figures show."""
+    best = best_lr(df)[["group", "lr"]]
+    return df.assign(group=groups).merge(best, on=["group", "lr"], how="inner").drop(columns="group")

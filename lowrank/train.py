@@ -98,29 +98,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fgsm(eps: float) -> Perturb:
-    """z + ε·sign(∇_z loss) (Goodfellow et al., 2015, arXiv 1412.6572)."""
+Bounds = tuple[float, float] | None
+
+
+def _clip(z: Tensor, bounds: Bounds) -> Tensor:
+    return z if bounds is None else z.clamp(*bounds)
+
+
+def fgsm(eps: float, bounds: Bounds = None) -> Perturb:
+    """clip(z + ε·sign(∇_z loss)) to the input's ``bounds`` (e.g. pixels in [0, 1]; None: no box)
+    (Goodfellow et al., 2015, arXiv 1412.6572)."""
 
     def perturb(z: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
         probe = z.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(loss_fn(probe), probe)
-        return z + (eps * g.sign()).detach()
+        return _clip(z + (eps * g.sign()).detach(), bounds)
 
     return perturb
 
 
-def pgd(eps: float, steps: int = 3, seed: int = 0) -> Perturb:
-    """k-step projected gradient ascent in the L∞ ball of radius ε, random start, step 2.5ε/k
-    (Madry et al., 2018, arXiv 1706.06083)."""
+def pgd(eps: float, steps: int = 3, seed: int = 0, bounds: Bounds = None) -> Perturb:
+    """k-step projected gradient ascent in the L∞ ball of radius ε intersected with the input's
+    ``bounds``, from a uniform random start (a fresh one per call, from a generator seeded once),
+    step 2.5ε/k (Madry et al., 2018, arXiv 1706.06083)."""
+    gen = torch.Generator().manual_seed(seed)
 
     def perturb(z: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        g0 = torch.Generator(device=z.device).manual_seed(seed)
-        delta = (torch.rand(z.shape, generator=g0, device=z.device, dtype=z.dtype) * 2 - 1) * eps
+        z0 = z.detach()
+        noise = torch.rand(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+        delta = _clip(z0 + (noise * 2 - 1) * eps, bounds) - z0
         for _ in range(steps):
             delta.requires_grad_(True)
-            (g,) = torch.autograd.grad(loss_fn(z.detach() + delta), delta)
+            (g,) = torch.autograd.grad(loss_fn(z0 + delta), delta)
             delta = (delta.detach() + 2.5 * eps / steps * g.sign()).clamp(-eps, eps)
-        return z + delta.detach()
+            delta = _clip(z0 + delta, bounds) - z0
+        return z + delta
 
     return perturb
 
@@ -216,10 +228,11 @@ def train(
         opt, lambda s: warmup_linear(s, config.steps, config.warmup)
     )
     perturb = None
+    bounds = getattr(task, "input_bounds", None)
     if config.adversarial == "fgsm":
-        perturb = fgsm(config.adv_eps)
+        perturb = fgsm(config.adv_eps, bounds)
     elif config.adversarial == "pgd":
-        perturb = pgd(config.adv_eps, config.adv_steps, config.seed)
+        perturb = pgd(config.adv_eps, config.adv_steps, config.seed, bounds)
     train_set = task.split("train")
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch

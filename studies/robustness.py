@@ -38,7 +38,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import KEY, RunSpec, read_results, tuned_rows, tuned_sweep, write_atomic
+from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PGD regularisation
@@ -162,36 +162,16 @@ def mode_of(df: pd.DataFrame) -> pd.Series:
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    """The tuned sweep, once per training mode: tuned_sweep picks one learning rate per (task,
-    variant, rank, options), so each mode gets its own search in its own shard
-    (``.robustness.<mode>.csv`` next to --out, resumable); the shards are then merged into --out."""
-    old = read_results(args.out)
-    rows, shards = [], []
-    for mode in args.modes:
-        shard = args.out.parent / f".{args.out.stem}.{mode}.csv"
-        have = read_results(shard)
-        if len(old):  # rows of an earlier run of this mode seed the shard: nothing is rerun
-            mine = old[mode_of(old) == mode]
-            have = pd.concat([have, mine]).drop_duplicates(KEY) if len(have) else mine
-            write_atomic(have, shard)
-        rows.append(tuned_sweep(specs(args, mode), args.lr_grid, list(range(args.seeds)), shard,
-                                workers=args.workers, progress=not args.quiet))
-        shards.append(shard)
-    merged = pd.concat([old] + [read_results(s) for s in shards]).drop_duplicates(KEY, keep="last")
-    # tuned_sweep never clears a flag: after a grid change the rows of a learning rate that is no
-    # longer the best would stay "selected"; flag exactly the rows at today's dev-best rates
-    merged["lr_selected"] = merged[KEY].isin(reported(merged)[KEY])
-    merged.loc[~merged["lr_selected"], "lr_selection"] = None
-    write_atomic(merged, args.out)
-    for s in shards:
-        s.unlink()
-    return pd.concat(rows, ignore_index=True)
+    """One tuned sweep over every training mode: the training configuration is part of each
+    run's search group, so every (task, variant, rank, mode) gets its own learning rate."""
+    base = [s for mode in args.modes for s in specs(args, mode)]
+    return tuned_sweep(base, args.lr_grid, list(range(args.seeds)), args.out,
+                       workers=args.workers, progress=not args.quiet)
 
 
 def reported(df: pd.DataFrame) -> pd.DataFrame:
     """Rows at each (task, variant, rank, mode)' dev-chosen learning rate."""
-    return pd.concat([tuned_rows(df[mode_of(df) == m]) for m in mode_of(df).unique()],
-                     ignore_index=True)
+    return tuned_rows(df)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:

@@ -116,3 +116,42 @@ def test_selection_metric_overrides_the_headline_metric():
              "higher_is_better": False, "selection_metric": "mse", "dev_delta_error": 1 / lr,
              "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]
+
+
+def test_training_configurations_of_one_variant_get_their_own_learning_rate(tmp_path, monkeypatch):
+    """Two training configs of the same (task, variant, rank) in one CSV: two searches, and
+    neither un-marks the other's reported rows."""
+    import math
+
+    def row(spec):  # the dev optimum is at 1e-2 for 5 steps and at 1e-1 for 50 steps
+        best = -2 if spec.train["steps"] == 5 else -1
+        return {**fake_row(spec), "dev_accuracy": -abs(math.log10(spec.lr) - best)}
+
+    monkeypatch.setattr(sw, "run_one", row)
+    out, lrs = tmp_path / "r.csv", [1e-3, 1e-2, 1e-1]
+    short = tuned_sweep([RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 5})], lrs, [0, 1], out,
+                        progress=False)
+    long = tuned_sweep([RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 50})], lrs, [0, 1], out,
+                       progress=False)
+    assert set(short["lr"]) == {1e-2} and set(long["lr"]) == {1e-1}
+    df = read_results(out)
+    assert df["lr_selected"].sum() == 4 and df[sw.GROUP].nunique() == 2
+    assert sorted(sw.tuned_rows(df)["lr"]) == [1e-2, 1e-2, 1e-1, 1e-1]
+
+
+def test_a_wider_grid_moves_the_mark_to_the_new_best_rate(tmp_path, monkeypatch):
+    monkeypatch.setattr(sw, "run_one", fake_row)  # dev optimum at 1e-2
+    out = tmp_path / "r.csv"
+    tuned_sweep(grid(1), [1e-3], [0, 1], out, progress=False)
+    tuned_sweep(grid(1), [1e-3, 1e-2], [0, 1], out, progress=False)
+    df = read_results(out)
+    assert set(df.loc[df["lr_selected"], "lr"]) == {1e-2} and df["lr_selected"].sum() == 2
+    assert df.loc[~df["lr_selected"], "lr_selection"].isna().all()
+
+
+def test_group_id_ignores_only_seed_and_lr():
+    a = RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5})
+    assert a.group_id == RunSpec("t", "lora", 1, 2, 1e-1, train={"steps": 5}).group_id
+    assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 6}).group_id
+    assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5},
+                                 measure=("weights",)).group_id

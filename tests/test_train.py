@@ -156,3 +156,24 @@ def test_adversarial_training_runs_and_differs_from_clean(mode):
     _, adv = _run(steps=40, lr=0.05, adversarial=mode, adv_eps=0.1)
     assert math.isfinite(adv.metrics["test_mse"])
     assert adv.metrics["test_mse"] != clean.metrics["test_mse"]
+
+
+def test_attacks_stay_inside_the_input_box():
+    z = torch.rand(64, 10)  # pixels in [0, 1]
+    target = torch.randn(64, 10) * 3  # pulls many coordinates past the box
+    loss = lambda v: ((v - target) ** 2).sum()  # noqa: E731
+    for adv in (fgsm(0.3, (0.0, 1.0))(z, loss), pgd(0.3, 5, bounds=(0.0, 1.0))(z, loss)):
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+        assert float((adv - z).abs().max()) <= 0.3 + 1e-6
+    unboxed = fgsm(0.3)(z, loss)
+    assert float(unboxed.min()) < 0.0 or float(unboxed.max()) > 1.0  # the box was binding
+
+
+def test_pgd_draws_a_fresh_random_start_per_call_reproducibly():
+    z = torch.zeros(2, 3)
+    flat = lambda v: (v * 0).sum()  # noqa: E731  (zero gradient: the result is the random start)
+    attack = pgd(0.5, steps=1, seed=3)
+    first, second = attack(z, flat), attack(z, flat)
+    assert not torch.equal(first, second)
+    again = pgd(0.5, steps=1, seed=3)
+    assert torch.equal(again(z, flat), first) and torch.equal(again(z, flat), second)

@@ -64,6 +64,8 @@ class Task:
     # What choices (the learning rate) are made on, on the dev split: a metric the model's
     # outputs give, in the same direction as ``metric``; empty means ``metric`` itself.
     selection_metric: str = ""
+    # The box the continuous input z lives in (pixels: (0, 1)); attacks stay inside it. None: ℝ.
+    input_bounds: tuple[float, float] | None = None
 
     def __init__(self) -> None:
         self._base: nn.Module | None = None

@@ -66,6 +66,7 @@ class Digits(Task):
     modules_to_save: list[str] = []
     metric = "accuracy"
     higher_is_better = True
+    input_bounds = (0.0, 1.0)  # pixels
 
     def __init__(self, pretrain_steps: int = 1500, hidden: int = 128) -> None:
         super().__init__()

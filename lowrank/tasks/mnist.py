@@ -146,6 +146,7 @@ class MNIST(Task):
     modules_to_save: list[str] = []
     metric = "accuracy"
     higher_is_better = True
+    input_bounds = (0.0, 1.0)  # pixels
 
     def __init__(self, shift: str = "rotate", angle: float = 45.0, permutation_seed: int = 0,
                  n_train: int = 10_000, n_eval: int | None = None, pretrain_steps: int = 800,
