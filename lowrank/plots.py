@@ -307,7 +307,7 @@ def subspace(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
               titles: dict[str, str] | None = None) -> list[Path]:
     """Per task (column): new-task test accuracy vs forgetting (old-task accuracy lost), one line
-    per variant through its ranks (marker size grows with rank), full fine-tuning a black star and,
+    per variant through its ranks (marker size grows with rank), full fine-tuning a grey star and,
     from ``curve``, full fine-tuning at every searched learning rate as a dotted line; below,
     intruder dimensions summed over the adapted layers vs rank, full fine-tuning as a band.
     Mean ± std over seeds. ``df`` needs test_accuracy, test_forgetting, test_old_accuracy,
@@ -318,6 +318,7 @@ def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | N
         raise ValueError("no finished runs to plot; run the sweep first")
     titles = titles or {}
     styles = style_for([v for v in df["variant"].unique() if v != "full"])
+    grey = "0.45"  # full fine-tuning
     stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, len(tasks), figsize=(FULL_WIDTH, 5.2), squeeze=False,
@@ -334,14 +335,34 @@ def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | N
             def size(r: float, lo: float = lo, hi: float = hi) -> float:
                 return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
 
+            # the panel spans the tuned runs; full FT runs far to their left are listed instead
+            x0 = (s["accmean"] - s["accstd"]).min()
+            x1 = (s["accmean"] + s["accstd"]).max()
+            xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
+            ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
             top.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
                         lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
             if curve is not None and len(c := curve[curve["task"] == task].sort_values("lr")):
-                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color="0.3", lw=0.8,
+                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=grey, lw=0.8,
                          marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
-                for x, y, rate in zip(c["test_accuracy"], c["test_forgetting"], c["lr"]):
-                    top.annotate(f"{rate:g}", (x, y), fontsize=5, color="0.3", xytext=(2, -6),
-                                 textcoords="offset points")
+                inside = c["test_accuracy"].between(*xlim)
+                ys.append(c.loc[inside, "test_forgetting"])
+                shown: list[tuple[float, float]] = []
+                for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
+                                      c["lr"][inside]):
+                    if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
+                           for a, b in shown):  # no label on top of another
+                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=grey,
+                                     xytext=(2, -6), textcoords="offset points")
+                        shown.append((x, y))
+                if (~inside).any():
+                    off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
+                    top.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
+                             color=grey, transform=top.transAxes, va="top")
+            y = pd.concat(ys)
+            pad = 0.06 * (y.max() - y.min()) + 0.01
+            top.set_xlim(*xlim)
+            top.set_ylim(y.min() - pad, y.max() + pad)
             for variant, v in s[s["variant"] != "full"].dropna(subset=["rank"]).groupby("variant"):
                 v = v.sort_values("rank")
                 st = styles[variant]
@@ -354,11 +375,11 @@ def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | N
                                 capsize=1.5, **st)
             for _, f in s[s["variant"] == "full"].iterrows():
                 top.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
-                             color="black", marker="*", markersize=9, ls="none", capsize=1.5,
+                             color=grey, marker="*", markersize=10, ls="none", capsize=1.5,
                              zorder=4, label="full fine-tuning (tuned lr)")
                 bottom.axhspan(f["intrmean"] - f["intrstd"], f["intrmean"] + f["intrstd"],
                                color="0.85", zorder=0)
-                bottom.axhline(f["intrmean"], color="0.4", lw=0.8, ls="--", zorder=0,
+                bottom.axhline(f["intrmean"], color=grey, lw=0.8, ls="--", zorder=0,
                                label="full fine-tuning (tuned lr)")
             top.set_title(titles.get(task, task) + " (marker size: rank)")
             top.set_xlabel("new-task test accuracy")
