@@ -24,7 +24,7 @@ given with --ranks apply to every task and are checked against each task's small
 Writes one row per run to results/continual.csv (resumable; the `weights` column holds every
 layer's ΔW spectrum and intruder count) and paper_figures/continual.{pdf,png}.
 
-    python studies/continual.py                 # 580 runs, ≈ 1100 CPU-s: ≈ 10 min on 2 idle cores
+    python studies/continual.py                 # 580 runs, ≈ 1000 CPU-s: ≈ 9 min on 2 idle cores
     python studies/continual.py --quick         # < 1 min smoke run
     python studies/continual.py --task mnist --task-options '{"mnist": {"shift": "permute"}}'
     python studies/continual.py --plot-only     # redraw the figure from the CSV
@@ -77,7 +77,7 @@ def max_rank(task: lr.tasks.Task) -> tuple[int, str]:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Defaults: 580 runs, about 1100 CPU-seconds (about 10 minutes on 2 idle cores).",
+        epilog="Defaults: 580 runs, about 1000 CPU-seconds (about 9 minutes on 2 idle cores).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", nargs="+", default=DEFAULTS["task"], choices=TASKS,
