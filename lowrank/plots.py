@@ -461,3 +461,101 @@ def robustness(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=len(modes), frameon=False)
         return save(fig, stem)
+
+
+def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
+              titles: dict[str, str] | None = None) -> list[Path]:
+    """Per task (column): new-task test accuracy vs forgetting (old-task accuracy lost), one line
+    per variant through its ranks (marker size grows with rank), full fine-tuning a grey star and,
+    from ``curve``, full fine-tuning at every searched learning rate as a dotted line; below,
+    intruder dimensions summed over the adapted layers vs rank, full fine-tuning as a band.
+    Mean ± std over seeds. ``df`` needs test_accuracy, test_forgetting, test_old_accuracy,
+    intruders and n_layers."""
+    df = df[df["status"] == "ok"]
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    titles = titles or {}
+    styles = style_for([v for v in df["variant"].unique() if v != "full"])
+    grey = "0.45"  # full fine-tuning
+    stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, len(tasks), figsize=(FULL_WIDTH, 5.2), squeeze=False,
+                                 constrained_layout=True)
+        for col, task in enumerate(tasks):
+            sub = df[df["task"] == task]
+            g = sub.groupby(["variant", "rank"], dropna=False)
+            s = pd.concat({f"{k}{a}": g[c].agg(a) for k, c in stats.items()
+                           for a in ("mean", "std")}, axis=1).fillna(0).reset_index()
+            top, bottom = axes[0, col], axes[1, col]
+            ranks = s.loc[s["variant"] != "full", "rank"].dropna()
+            lo, hi = (np.log2(ranks.min()), np.log2(ranks.max())) if len(ranks) else (0, 1)
+
+            def size(r: float, lo: float = lo, hi: float = hi) -> float:
+                return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
+
+            # the panel spans the tuned runs; full FT runs far to their left are listed instead
+            x0 = (s["accmean"] - s["accstd"]).min()
+            x1 = (s["accmean"] + s["accstd"]).max()
+            xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
+            ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
+            top.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
+                        lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
+            if curve is not None and len(c := curve[curve["task"] == task].sort_values("lr")):
+                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=grey, lw=0.8,
+                         marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
+                inside = c["test_accuracy"].between(*xlim)
+                ys.append(c.loc[inside, "test_forgetting"])
+                shown: list[tuple[float, float]] = []
+                for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
+                                      c["lr"][inside]):
+                    if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
+                           for a, b in shown):  # no label on top of another
+                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=grey,
+                                     xytext=(2, -6), textcoords="offset points")
+                        shown.append((x, y))
+                if (~inside).any():
+                    off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
+                    top.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
+                             color=grey, transform=top.transAxes, va="top")
+            y = pd.concat(ys)
+            pad = 0.06 * (y.max() - y.min()) + 0.01
+            top.set_xlim(*xlim)
+            top.set_ylim(y.min() - pad, y.max() + pad)
+            for variant, v in s[s["variant"] != "full"].dropna(subset=["rank"]).groupby("variant"):
+                v = v.sort_values("rank")
+                st = styles[variant]
+                top.errorbar(v["accmean"], v["fgtmean"], xerr=v["accstd"], yerr=v["fgtstd"],
+                             color=st["color"], lw=0.7, alpha=0.8, capsize=1.2, zorder=2)
+                top.scatter(v["accmean"], v["fgtmean"], s=[size(r) for r in v["rank"]],
+                            color=st["color"], marker=st["marker"], zorder=3, linewidths=0,
+                            label=variant)
+                bottom.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=variant,
+                                capsize=1.5, **st)
+            for _, f in s[s["variant"] == "full"].iterrows():
+                top.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
+                             color=grey, marker="*", markersize=10, ls="none", capsize=1.5,
+                             zorder=4, label="full fine-tuning (tuned lr)")
+                bottom.axhspan(f["intrmean"] - f["intrstd"], f["intrmean"] + f["intrstd"],
+                               color="0.85", zorder=0)
+                bottom.axhline(f["intrmean"], color=grey, lw=0.8, ls="--", zorder=0,
+                               label="full fine-tuning (tuned lr)")
+            top.set_title(titles.get(task, task) + " (marker size: rank)")
+            top.set_xlabel("new-task test accuracy")
+            top.set_ylabel("forgetting: old-task test accuracy lost")
+            bottom.set_xscale("log", base=2)
+            if len(ranks):
+                ticks = sorted({int(r) for r in ranks})
+                bottom.set_xticks(ticks, [str(t) for t in ticks])
+                bottom.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            bottom.set_xlabel("rank r")
+            n = int(sub["n_layers"].max())
+            bottom.set_ylabel(f"intruder dimensions (sum over {n} layers)")
+            bottom.set_ylim(bottom=0)
+        by: dict = {}
+        for ax in axes.ravel():
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                by.setdefault(lab, h)
+        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(6, len(by)),
+                   frameon=False)
+        return save(fig, stem)
