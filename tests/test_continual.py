@@ -2,15 +2,14 @@
 forgetting from the pretrained model, the full fine-tuning ΔW spectrum and intruder count from
 W − W₀ of a retrained run, and the rank of LoRA's ΔW."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from studyutil import assert_figure, load_study, run_study
 
 import lowrank as lr
 from lowrank.tasks.mnist import load_mnist
@@ -24,23 +23,11 @@ COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "task_op
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return run_study("continual.py", *args, timeout=300)
 
 
 def study():
-    """The study script as a module, to call its parse() and main() in this process."""
-    spec = importlib.util.spec_from_file_location("continual", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figure(stem: Path) -> None:
-    pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
-    assert png.stat().st_size > 10_000
-    data = pdf.read_bytes()
-    assert data.startswith(b"%PDF") and b"/FontFile2" in data  # vector, TrueType fonts embedded
+    return load_study("continual.py")
 
 
 @pytest.fixture(scope="module")

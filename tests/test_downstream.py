@@ -1,22 +1,19 @@
 """The downstream text study: budget matching against a brute-force count, and --quick end to end."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from studyutil import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "downstream.py"
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("downstream", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_study("downstream.py")
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "vera", "loha", "lokr", "random_alignment",

@@ -2,13 +2,12 @@
 attacks cannot raise accuracy, PGD is at least as strong as FGSM, adversarial training buys
 robust accuracy, and at ε = 0 every robust accuracy is the clean one."""
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from studyutil import load_study, run_study
 
 from lowrank.sweep import RunSpec, run_one
 
@@ -19,19 +18,11 @@ COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "adversa
            "test_fgsm_accuracy", "test_pgd_accuracy", "lr_selected", "lr_selection", "git_commit"}
 
 
-def _load_study():
-    spec = importlib.util.spec_from_file_location("robustness_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-robustness = _load_study()
+robustness = load_study("robustness.py")
 
 
 def study(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=600)
+    return run_study("robustness.py", *args)
 
 
 @pytest.fixture(scope="module")

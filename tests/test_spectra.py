@@ -1,7 +1,6 @@
 """The spectra study end to end (--quick, with another sweep's CSV folded in), and the rank
 bounds of the learned updates it reports."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from studyutil import assert_figure, load_study
 
 from lowrank.sweep import RunSpec, tuned_sweep
 
@@ -23,17 +23,7 @@ TOL = 1e-5
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("spectra", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figure(stem: Path) -> None:
-    pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
-    assert png.stat().st_size > 10_000
-    data = pdf.read_bytes()
-    assert data.startswith(b"%PDF") and b"/FontFile2" in data
+    return load_study("spectra.py")
 
 
 @pytest.fixture(scope="module")

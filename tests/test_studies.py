@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from studyutil import assert_figure, run_study
 
 from lowrank.sweep import RunSpec, sweep
 
@@ -16,17 +17,9 @@ COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "trainab
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, str(ROOT / "studies" / script), *args],
-                         capture_output=True, text=True, timeout=600)
+    res = run_study(script, *args)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
-
-
-def assert_figure(stem: Path) -> None:
-    pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
-    assert png.stat().st_size > 10_000
-    data = pdf.read_bytes()
-    assert data.startswith(b"%PDF") and b"/FontFile2" in data  # vector, TrueType fonts embedded
 
 
 def test_rank_ablation_quick_writes_csv_and_figure_and_redraws(tmp_path):

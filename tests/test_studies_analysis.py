@@ -1,14 +1,13 @@
 """The reconstruction and subspace studies end to end (--quick), and random-projection
 approximation against the Eckart–Young bound."""
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from studyutil import assert_figure, load_study, run_study
 
 from lowrank import linalg
 
@@ -16,32 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, str(ROOT / "studies" / script), *args],
-                         capture_output=True, text=True, timeout=300)
+    res = run_study(script, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
-
-
-def study(script: str):
-    """The study script as a module, to call its main() in this process."""
-    spec = importlib.util.spec_from_file_location(script[:-3], ROOT / "studies" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assert_figure(stem: Path) -> None:
-    pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
-    assert png.stat().st_size > 10_000
-    data = pdf.read_bytes()
-    assert data.startswith(b"%PDF") and b"/FontFile2" in data
 
 
 def redraws_without_recomputing(script: str, out: Path, fig: Path) -> None:
     before = out.stat().st_mtime_ns
     for ext in (".pdf", ".png"):
         fig.with_suffix(ext).unlink()
-    assert study(script).main(["--quick", "--plot-only", "--out", str(out), "--figure", str(fig)]) == 0
+    assert load_study(script).main(["--quick", "--plot-only", "--out", str(out), "--figure", str(fig)]) == 0
     assert_figure(fig)
     assert out.stat().st_mtime_ns == before
 
@@ -82,7 +65,7 @@ def test_subspace_quick_writes_csv_and_figure_and_redraws(tmp_path):
 @pytest.mark.parametrize("script", ["reconstruction.py", "subspace.py"])
 def test_study_help_lists_the_conventions(script, capsys):
     with pytest.raises(SystemExit) as exit_:
-        study(script).parse(["--help"])
+        load_study(script).parse(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--quick", "--plot-only", "--out", "--figure"):
