@@ -211,6 +211,16 @@ def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame
     return df
 
 
+def saved_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame | None:
+    """:func:`read_results` for a study's ``--plot-only``: None, after saying on stderr that the
+    study has to run first, when ``path`` holds no rows."""
+    df = read_results(path, key=key)
+    if df.empty:
+        print(f"{path} does not exist; run without --plot-only first", file=sys.stderr)
+        return None
+    return df
+
+
 def write_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` as CSV through a temporary file renamed into place."""
     path = Path(path)

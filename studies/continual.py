@@ -46,7 +46,7 @@ import torch
 import lowrank as lr
 from lowrank import plots
 from lowrank.inject import find_targets
-from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
+from lowrank.sweep import RunSpec, read_results, saved_results, tuned_rows, tuned_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("digits", "mnist")
@@ -229,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.perf_counter()
     if args.plot_only:
-        df = read_results(args.out)
-        if df.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        df = saved_results(args.out)
+        if df is None:
             return 1
         rows = tuned_rows(df)
     else:

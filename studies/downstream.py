@@ -42,7 +42,16 @@ from torch import nn
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import KEY, RunSpec, provenance, read_results, tuned_rows, tuned_sweep, write_atomic
+from lowrank.sweep import (
+    KEY,
+    RunSpec,
+    provenance,
+    read_results,
+    saved_results,
+    tuned_rows,
+    tuned_sweep,
+    write_atomic,
+)
 from lowrank.train import PeakMemory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,9 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         tuned_sweep(specs, args.lr_grid, list(range(args.seeds)), args.out, workers=args.workers,
                     progress=not args.quiet)
         add_probes(args)
-    df = read_results(args.out)
-    if df.empty:
-        print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+    df = saved_results(args.out)
+    if df is None:
         return 1
     rows = reported(df, specs, args)
     model_params = sum(p.numel() for p in lr.tasks.get("text").pretrained().encoder.parameters())

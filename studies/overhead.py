@@ -31,7 +31,7 @@ from torch import nn
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import provenance, read_results, write_atomic
+from lowrank.sweep import provenance, saved_results, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_shape(d, r, args)
                 write_atomic(pd.DataFrame(rows), args.out)
                 print(f"d={d} r={r} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    df = read_results(args.out, key=None) if args.plot_only else pd.DataFrame(rows)
-    if df.empty:
-        print(f"{args.out} has no rows; run without --plot-only first", file=sys.stderr)
+    df = saved_results(args.out, key=None) if args.plot_only else pd.DataFrame(rows)
+    if df is None or df.empty:
         return 1
     paths = plots.overhead(df, args.figure)
     show = df[df["config"].isin(["lora", "lora (merged)", "dora", "dora (merged)", "peft lora",

@@ -23,7 +23,7 @@ import pandas as pd
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
+from lowrank.sweep import RunSpec, saved_results, tuned_rows, tuned_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.perf_counter()
     if args.plot_only:
-        df = read_results(args.out)
-        if df.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        df = saved_results(args.out)
+        if df is None:
             return 1
         rows = tuned_rows(df)
     else:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from lowrank import linalg, plots
-from lowrank.sweep import read_results, write_atomic
+from lowrank.sweep import saved_results, write_atomic
 from lowrank.tasks.text import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     if args.plot_only:
-        df = read_results(args.out, key=None)
-        if df.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        df = saved_results(args.out, key=None)
+        if df is None:
             return 1
     else:
         start = time.perf_counter()

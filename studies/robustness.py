@@ -38,7 +38,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
+from lowrank.sweep import RunSpec, saved_results, tuned_rows, tuned_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PGD regularisation
@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.plot_only:
-        df = read_results(args.out)
-        if df.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        df = saved_results(args.out)
+        if df is None:
             return 1
         rows = reported(df)
     else:

@@ -37,7 +37,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep, write_atomic
+from lowrank.sweep import RunSpec, read_results, saved_results, tuned_rows, tuned_sweep, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INCLUDE = ROOT / "results" / "downstream.csv"
@@ -199,9 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.plot_only:
-        table = read_results(args.out, key=None)
-        if table.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        table = saved_results(args.out, key=None)
+        if table is None:
             return 1
     else:
         rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,

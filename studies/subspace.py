@@ -27,7 +27,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots
-from lowrank.sweep import read_results, write_atomic
+from lowrank.sweep import saved_results, write_atomic
 from lowrank.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     if args.plot_only:
-        df = read_results(args.out, key=None)
-        if df.empty:
-            print(f"{args.out} does not exist; run without --plot-only first", file=sys.stderr)
+        df = saved_results(args.out, key=None)
+        if df is None:
             return 1
     else:
         start = time.perf_counter()
