@@ -377,7 +377,7 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
             ranks = sorted({int(r) for r in L["rank"].dropna()})
             r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
             groups = [[v for v in ranked if v in ba_family], [v for v in ranked if v not in ba_family]]
-            for ax, group, title in zip(row[:2], groups, ("B·A family", "other variants")):
+            for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
                 for v in ["full", *group]:
                     g = S[(S["variant"] == v) & ((S["rank"] == r_star) if v != "full" else True)]
                     if g.empty:
@@ -415,7 +415,7 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
                 ax.set_yscale("log", base=2)
                 ax.set_xlabel("allotted rank r")
                 ax.set_ylabel(ylab)
-                ax.set_title(f"{task}: mean over layers")
+                ax.set_title(f"{task}, layer mean")
         by: dict = {}
         for ax in axes.ravel():
             for h, lab in zip(*ax.get_legend_handles_labels()):
