@@ -18,7 +18,7 @@ parameters absolute and as % of the model, train seconds per epoch, peak memory)
 paper_figures/downstream.{pdf,png} (accuracy vs trainable parameters and vs peak memory, with
 the Pareto front).
 
-    python studies/downstream.py               # reduced default: 3 variants, 2 seeds, ≈ 15 min
+    python studies/downstream.py               # reduced default: 3 variants, 2 seeds, < 15 min
     python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
                                                # every variant, 3 seeds; hours on 2 cores
     python studies/downstream.py --quick       # < 2 min smoke run
@@ -61,7 +61,7 @@ ALL_VARIANTS = ["lora", "rslora", "pissa", "milora", "random_alignment", "froben
 PRESETS = {
     "default": {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"],
                 "budgets": [8], "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2],
-                "steps": 40, "batch_size": 32, "max_train": 1000, "max_eval": 200},
+                "steps": 32, "batch_size": 32, "max_train": 800, "max_eval": 200},
     "paper": {"datasets": ["movies", "trec"], "variants": ALL_VARIANTS, "budgets": [8],
               "ranks": [8], "seeds": 3, "lr_grid": [1e-4, 1e-3, 1e-2, 3e-2], "steps": 100,
               "batch_size": 32, "max_train": 2000, "max_eval": 400},
