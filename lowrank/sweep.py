@@ -6,9 +6,10 @@ the whole CSV is rewritten to a temporary file and renamed over the old one, so 
 is always complete; re-running a sweep skips the run_ids already present, so it resumes after a
 crash or Ctrl-C with nothing lost or duplicated.
 
-Fair comparison (:func:`tuned_sweep`): each (task, variant, rank) gets its own learning rate,
-chosen on the dev split from a log grid at the first seed with the same step budget as every
-other variant; the other seeds reuse it. The test split is never used for a choice.
+Fair comparison (:func:`tuned_sweep`): each (task, variant, rank, options, training config) — a
+run's ``group_id`` — gets its own learning rate, chosen on the dev split from a log grid at the
+first seed with the same step budget as every other variant; the other seeds reuse it. The test
+split is never used for a choice.
 """
 
 from __future__ import annotations
