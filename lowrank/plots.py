@@ -84,6 +84,16 @@ def save(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
     return out
 
 
+def legend_below(fig: plt.Figure, axes: np.ndarray, max_cols: int = 7) -> None:
+    """One legend under the figure with every label of every panel once (its first handle)."""
+    by: dict = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            by.setdefault(lab, h)
+    fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(max_cols, len(by)),
+               frameon=False)
+
+
 def pareto_front(x: np.ndarray, y: np.ndarray, higher_is_better: bool) -> np.ndarray:
     """Indices of the points not dominated by any other (fewer params and a better metric)."""
     order = np.lexsort((-y if higher_is_better else y, x))
@@ -339,12 +349,7 @@ def downstream(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{dataset}: test accuracy")
             row[0].set_xscale("log")
-        by: dict = {}
-        for ax in axes.flat:
-            h, labels = ax.get_legend_handles_labels()
-            by.update(zip(labels, h))
-        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
-                   frameon=False)
+        legend_below(fig, axes, max_cols=7)
         return save(fig, stem)
 
 
@@ -416,12 +421,7 @@ def spectra(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) 
                 ax.set_xlabel("allotted rank r")
                 ax.set_ylabel(ylab)
                 ax.set_title(f"{task}, layer mean")
-        by: dict = {}
-        for ax in axes.ravel():
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                by.setdefault(lab, h)
-        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(7, len(by)),
-                   frameon=False)
+        legend_below(fig, axes, max_cols=7)
         return save(fig, stem)
 
 
@@ -552,10 +552,5 @@ def continual(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | N
             n = int(sub["n_layers"].max())
             bottom.set_ylabel(f"intruder dimensions (sum over {n} layers)")
             bottom.set_ylim(bottom=0)
-        by: dict = {}
-        for ax in axes.ravel():
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                by.setdefault(lab, h)
-        fig.legend(by.values(), by.keys(), loc="outside lower center", ncol=min(6, len(by)),
-                   frameon=False)
+        legend_below(fig, axes, max_cols=6)
         return save(fig, stem)

@@ -2,7 +2,8 @@
 
 Each study draws its own figure from its own CSV (`--plot-only`); this script runs them all in
 one go, so the figures in paper_figures/ always match the committed results. A study whose CSV
-is missing is reported and skipped; the exit code is 1 if any figure could not be drawn.
+is missing is reported and skipped; the exit code is 1 if any figure could not be drawn (the
+full-size downstream run, ``downstream --paper``, is optional: hours of CPU).
 
     python studies/make_figures.py              # every figure whose CSV exists
     python studies/make_figures.py --only spectra downstream
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# (study script, extra arguments, its results CSV relative to the repository)
+# (study script, extra arguments, its results CSV relative to the repository); OPTIONAL: a missing
+# CSV is reported without failing
 FIGURES = [
     ("rank_ablation", [], "results/rank_ablation.csv"),
     ("reconstruction", [], "results/reconstruction.csv"),
@@ -31,6 +33,7 @@ FIGURES = [
     ("continual", [], "results/continual.csv"),
     ("robustness", [], "results/robustness.csv"),
 ]
+OPTIONAL = {("downstream", "--paper")}
 
 
 def load(name: str):
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         label = " ".join([name, *extra])
         if not (ROOT.parent / csv).exists():
             print(f"skipped {label}: {csv} does not exist (run studies/{name}.py {' '.join(extra)})")
-            failed.append(label)
+            if (name, *extra) not in OPTIONAL:
+                failed.append(label)
             continue
         start, log = time.perf_counter(), io.StringIO()
         try:

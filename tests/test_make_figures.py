@@ -25,3 +25,15 @@ def test_redraws_from_results_alone_byte_for_byte_and_reports_missing_csvs(tmp_p
     res = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert {p.name: p.read_bytes() for p in figures.iterdir()} == first  # same data, same bytes
+
+
+def test_the_optional_full_size_downstream_run_may_be_missing(tmp_path):
+    shutil.copytree(ROOT / "studies", tmp_path / "studies")
+    (tmp_path / "results").mkdir()
+    shutil.copy(ROOT / "results" / "downstream.csv", tmp_path / "results")
+    res = subprocess.run([sys.executable, str(tmp_path / "studies" / "make_figures.py"), "--only",
+                          "downstream"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "skipped downstream --paper" in res.stdout
+    assert (tmp_path / "paper_figures" / "downstream.png").exists()
+    assert (tmp_path / "results" / "downstream.md").exists()
