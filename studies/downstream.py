@@ -166,9 +166,9 @@ def matched_rank(variant: str, shapes: list[tuple[int, int]], budget: int) -> in
     return min(gaps, key=lambda r: (gaps[r], -r))
 
 
-def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict]:
-    """The sweep's specs (one per dataset, variant, rank) and, per (variant, rank), which
-    budgets and fixed ranks it stands for."""
+def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int]:
+    """The sweep's specs (one per dataset, variant, rank); per (variant, rank), which budgets
+    and fixed ranks it stands for; and the encoder's parameter count (for the % column)."""
     task = lr.tasks.get("text", dataset=args.datasets[0], max_train=8, max_eval=8)
     model = task.pretrained()
     shapes = [tuple(model.get_submodule(n).weight.shape)
@@ -191,7 +191,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict]:
     specs = [RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train,
                      measure=("weights",))
              for d in args.datasets for (v, r) in roles]
-    return specs, {k: "; ".join(v) for k, v in roles.items()}
+    model_params = sum(p.numel() for p in model.encoder.parameters())
+    return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params
 
 
 @torch.no_grad()
@@ -209,14 +210,22 @@ def sentence_embeddings(task, split: str) -> np.ndarray:
     return np.concatenate(out)
 
 
+def probe_options(args: argparse.Namespace, dataset: str) -> dict:
+    """The text task's options for the linear probe (no adapters, hence no targets)."""
+    return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval}
+
+
+def probe_id(options: dict) -> str:
+    return hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True)
+                        .encode()).hexdigest()[:16]
+
+
 def probe_row(args: argparse.Namespace, dataset: str) -> dict:
     """The linear-probe baseline: logistic regression on frozen embeddings, C chosen on dev."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    options = {k: v for k, v in task_options(args, dataset, "probe").items() if k != "targets"}
-    run_id = hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True)
-                          .encode()).hexdigest()[:16]
+    options = probe_options(args, dataset)
     task = lr.tasks.get("text", **options)
     start = time.perf_counter()
     with PeakMemory() as mem:
@@ -228,7 +237,7 @@ def probe_row(args: argparse.Namespace, dataset: str) -> dict:
     metrics = {f"{s}_{k}": v for s in pred for k, v in (
         ("accuracy", float((pred[s] == y[s]).mean())),
         ("macro_f1", float(f1_score(y[s], pred[s], average="macro"))))}
-    return {KEY: run_id, "task": "text", "variant": "probe", "rank": None, "seed": 0,
+    return {KEY: probe_id(options), "task": "text", "variant": "probe", "rank": None, "seed": 0,
             "lr": None, "task_options": json.dumps(options, sort_keys=True), "metric": "accuracy",
             "higher_is_better": True, "status": "ok", "lr_selected": True,
             "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
@@ -238,12 +247,15 @@ def probe_row(args: argparse.Namespace, dataset: str) -> dict:
 
 
 def add_probes(args: argparse.Namespace) -> None:
+    """Fit the probe of every dataset that the CSV does not hold yet, and append its row."""
+    if args.no_probe:
+        return
     df = read_results(args.out)
     for dataset in args.datasets:
-        row = probe_row(args, dataset) if not args.no_probe else None
-        if row is not None and (df.empty or row[KEY] not in set(df[KEY])):
-            df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
-            write_atomic(df, args.out)
+        if not df.empty and probe_id(probe_options(args, dataset)) in set(df[KEY]):
+            continue
+        df = pd.concat([df, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True)
+        write_atomic(df, args.out)
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
@@ -254,8 +266,7 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
                          & (df["batch_size"] == args.batch_size)])
     keep = [(v, None if pd.isna(r) else int(r), o) in planned
             for v, r, o in zip(runs["variant"], runs["rank"], runs["task_options"])]
-    probes = {json.dumps({k: v for k, v in task_options(args, d, "probe").items() if k != "targets"},
-                         sort_keys=True) for d in args.datasets}
+    probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
     df = pd.concat([runs[keep], df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
     opts = df["task_options"].map(json.loads)
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.perf_counter()
     torch.set_num_threads(1)
-    specs, roles = plan(args)
+    specs, roles, model_params = plan(args)
     if not args.plot_only:
         tuned_sweep(specs, args.lr_grid, list(range(args.seeds)), args.out, workers=args.workers,
                     progress=not args.quiet)
@@ -308,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     if df is None:
         return 1
     rows = reported(df, specs, args)
-    model_params = sum(p.numel() for p in lr.tasks.get("text").pretrained().encoder.parameters())
     text = table(rows, roles, model_params, args.lr_grid)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.table.with_name(f".{args.table.name}.tmp")
