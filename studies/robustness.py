@@ -169,11 +169,6 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                        workers=args.workers, progress=not args.quiet)
 
 
-def reported(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows at each (task, variant, rank, mode)' dev-chosen learning rate."""
-    return tuned_rows(df)
-
-
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of clean / FGSM / PGD test accuracy per (task, variant, rank, mode)."""
     ok = rows[rows["status"] == "ok"].assign(mode=mode_of)
@@ -211,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         df = saved_results(args.out)
         if df is None:
             return 1
-        rows = reported(df)
+        rows = tuned_rows(df)  # each (task, variant, rank, mode) at its dev-chosen lr
     else:
         rows = run(args)
     paths = plots.robustness(rows, args.figure)
