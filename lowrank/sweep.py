@@ -21,7 +21,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
@@ -350,35 +350,40 @@ def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
 
 def tuned_sweep(
     base: Sequence[RunSpec],
-    lr_grid: Sequence[float],
+    lr_grid: Sequence[float] | Callable[[RunSpec], Sequence[float]],
     seeds: Sequence[int],
     out: str | os.PathLike,
     **execute: Any,
 ) -> pd.DataFrame:
     """Per-variant learning-rate search on dev at ``seeds[0]``, then the other seeds at the best
     learning rate. ``base`` holds one spec per (task, variant, rank, options, training config);
-    its seed and lr are replaced. Returns the rows of the chosen learning rates for every seed;
-    in the CSV, ``lr_selected`` marks exactly those rows of these groups (a row chosen by an
-    earlier, different grid loses the mark) and ``lr_selection`` says how they were chosen."""
+    its seed and lr are replaced. ``lr_grid`` is one grid for all, or a function giving each
+    spec its own. Returns the rows of the chosen learning rates for every seed; in the CSV,
+    ``lr_selected`` marks exactly those rows of these groups (a row chosen by an earlier,
+    different grid loses the mark) and ``lr_selection`` says how they were chosen."""
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
-    search = [replace(s, seed=seeds[0], lr=lr) for s in base for lr in lr_grid]
-    ids = {s.group_id for s in base}
+    grids = {s.group_id: list(lr_grid(s) if callable(lr_grid) else lr_grid) for s in base}
+    for s in base:
+        if not grids[s.group_id]:
+            raise ValueError(f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; "
+                             "give it at least one rate")
+    search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
     df = _with_groups(sweep(search, out, **execute), search)
-    chosen = best_lr(df[df[GROUP].isin(ids)], seeds[0])
+    chosen = best_lr(df[df[GROUP].isin(grids)], seeds[0])
     lookup = dict(zip(chosen["group"], chosen["lr"]))
     final = [replace(s, seed=seed, lr=lookup[s.group_id]) for s in base for seed in seeds]
     df = _with_groups(sweep(final, out, **execute), search + final)
     selected = df[KEY].isin({s.run_id for s in final})
     earlier = df["lr_selected"].fillna(False).astype(bool) if "lr_selected" in df else False
-    df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(ids))
-    grid = "/".join(f"{x:g}" for x in lr_grid)
-    how = f"best dev {{}} of lr {grid} at seed {seeds[0]}, reused for the other seeds"
+    df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(grids))
     chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
     if "lr_selection" not in df:
         df["lr_selection"] = None
     df["lr_selection"] = df["lr_selection"].where(df["lr_selected"], None)
-    df.loc[selected, "lr_selection"] = [how.format(m) for m in chosen_on[selected]]
+    df.loc[selected, "lr_selection"] = [
+        f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
+        "reused for the other seeds" for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])]
     write_atomic(df, out)
     return df[selected].copy()
 

@@ -52,6 +52,7 @@ class TrainConfig:
     adv_eps: float = 0.05
     adv_weight: float = 0.5
     adv_steps: int = 3
+    group_by_length: bool = False  # batches of similar-length inputs (tasks with lengths())
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -194,16 +195,34 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated() / 2**20
 
 
-def _batches(dataset: Any, batch_size: int, gen: torch.Generator):
+def _batches(dataset: Any, batch_size: int, gen: torch.Generator, lengths: Tensor | None = None):
     """Endless shuffled mini-batches of a TensorDataset: a fresh permutation every epoch, the
-    incomplete last batch dropped (a set smaller than one batch is one batch)."""
+    incomplete last batch dropped (a set smaller than one batch is one batch). With ``lengths``,
+    each epoch's permutation is passed through :func:`length_grouped`."""
     tensors = dataset.tensors
     n = len(tensors[0])
     while True:
         perm = torch.randperm(n, generator=gen)
+        if lengths is not None:
+            perm = length_grouped(perm, lengths, batch_size, gen)
         for i in range(0, max(n - batch_size, 0) + 1, batch_size):
             idx = perm[i : i + batch_size]
             yield tuple(t[idx] for t in tensors)
+
+
+def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Generator,
+                   group: int = 8) -> Tensor:
+    """``perm`` reordered so that each batch holds inputs of similar length (less padding):
+    every run of ``group`` batches of ``perm`` is sorted by length and cut into batches, and the
+    order of the epoch's full batches is shuffled (the remainder stays last, where it is dropped).
+    The grouped sampler of Hugging Face's ``group_by_length``, with smaller groups."""
+    chunks = perm.split(group * batch_size)
+    order = torch.cat([c[lengths[c].argsort(descending=True, stable=True)] for c in chunks])
+    full = len(order) // batch_size * batch_size
+    if full == 0:
+        return order
+    rows = order[:full].view(-1, batch_size)
+    return torch.cat([rows[torch.randperm(len(rows), generator=gen)].flatten(), order[full:]])
 
 
 def train(
@@ -239,7 +258,13 @@ def train(
     ads = list(adapters(model).values())
     history: list[dict[str, float]] = []
     quiet = config.quiet or not sys.stderr.isatty()
-    batches = _batches(train_set, config.batch_size, gen)
+    lengths = None
+    if config.group_by_length:
+        if not hasattr(task, "lengths"):
+            raise ValueError(f"group_by_length=True needs inputs of varying length; the "
+                             f"{type(task).__name__} task has none, so leave it False")
+        lengths = task.lengths("train")
+    batches = _batches(train_set, config.batch_size, gen, lengths)
     start = time.perf_counter()
     with PeakMemory(device) as mem:
         bar = tqdm(range(config.steps), desc="train", disable=quiet, leave=False)

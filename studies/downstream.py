@@ -43,6 +43,7 @@ from torch import nn
 import lowrank as lr
 from lowrank import plots
 from lowrank.sweep import (
+    GROUP,
     KEY,
     RunSpec,
     provenance,
@@ -58,16 +59,21 @@ ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_TARGETS = ["query", "value"]
 ALL_VARIANTS = ["lora", "rslora", "pissa", "milora", "random_alignment", "frobenius", "dora",
                 "vera", "adalora", "loha", "lokr", "full"]
+# Per-variant grids (a half-decade apart) around the rates these methods are run at: full
+# fine-tuning far below the adapters, VeRA's and random alignment's few trainable parameters above.
+PAPER_GRIDS = {"full": [3e-5, 1e-4, 3e-4], "vera": [3e-3, 1e-2, 3e-2],
+               "random_alignment": [3e-3, 1e-2, 3e-2], "*": [1e-3, 3e-3, 1e-2]}
 PRESETS = {
     "default": {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"],
                 "budgets": [8], "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2],
-                "steps": 32, "batch_size": 32, "max_train": 800, "max_eval": 200},
+                "steps": 32, "batch_size": 32, "max_train": 800, "max_eval": 200,
+                "group_by_length": False},
     "paper": {"datasets": ["movies", "trec"], "variants": ALL_VARIANTS, "budgets": [8],
-              "ranks": [8], "seeds": 3, "lr_grid": [1e-4, 1e-3, 1e-2, 3e-2], "steps": 100,
-              "batch_size": 32, "max_train": 2000, "max_eval": 400},
+              "ranks": [8], "seeds": 3, "lr_grid": PAPER_GRIDS, "steps": 100,
+              "batch_size": 32, "max_train": 2000, "max_eval": 400, "group_by_length": True},
     "quick": {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "ranks": [],
               "seeds": 1, "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64,
-              "max_eval": 48},
+              "max_eval": 48, "group_by_length": False},
 }
 PROBE_C = [0.01, 0.1, 1.0, 10.0, 100.0]
 
@@ -88,11 +94,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fixed ranks every variant is also run at")
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--lr-grid", nargs="+", type=float, default=None,
-                   help="learning rates searched on dev at seed 0 for each (variant, rank)")
+                   help="learning rates searched on dev at seed 0 for each (variant, rank), the "
+                        f"same for every variant (--paper: per variant, {json.dumps(PAPER_GRIDS)})")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-train", type=int, default=None, help="training sentences per dataset")
     p.add_argument("--max-eval", type=int, default=None, help="dev and test sentences each")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="batches of similar-length sentences (less padding; --paper: on)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
     p.add_argument("--out", type=Path, default=None, help="results CSV")
@@ -109,6 +118,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not isinstance(args.lr_grid, dict):
+        args.lr_grid = {"*": args.lr_grid}
     name = "downstream_quick" if args.quick else "downstream_paper" if args.paper else "downstream"
     args.out = args.out or ROOT / "results" / f"{name}.csv"
     args.table = args.table or ROOT / "results" / f"{name}.md"
@@ -123,6 +134,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if any(v != "full" for v in args.variants) and not args.budgets + args.ranks:
         p.error("give at least one --budgets or --ranks value for the adapter variants")
     return args
+
+
+def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
+    """The learning rates searched for ``variant``."""
+    return args.lr_grid.get(variant, args.lr_grid["*"])
 
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
@@ -188,6 +204,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int]:
             if adapter_params(variant, shapes, r) is not None:
                 roles.setdefault((variant, r), []).append(f"fixed r={r}")
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
+    if args.group_by_length:
+        train["group_by_length"] = True
     specs = [RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train,
                      measure=("weights",))
              for d in args.datasets for (v, r) in roles]
@@ -261,13 +279,9 @@ def add_probes(args: argparse.Namespace) -> None:
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
     """The planned runs at their dev-tuned learning rates (every seed) and the probes of the
     planned datasets, with dataset, epochs and seconds per epoch."""
-    planned = {(s.variant, s.rank, json.dumps(s.task_options, sort_keys=True)) for s in specs}
-    runs = tuned_rows(df[(df["variant"] != "probe") & (df["steps"] == args.steps)
-                         & (df["batch_size"] == args.batch_size)])
-    keep = [(v, None if pd.isna(r) else int(r), o) in planned
-            for v, r, o in zip(runs["variant"], runs["rank"], runs["task_options"])]
+    runs = tuned_rows(df[df[GROUP].isin({s.group_id for s in specs})])
     probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
-    df = pd.concat([runs[keep], df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
+    df = pd.concat([runs, df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
     opts = df["task_options"].map(json.loads)
     df["dataset"] = opts.map(lambda o: o["dataset"])
@@ -276,10 +290,10 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
     return df
 
 
-def table(df: pd.DataFrame, roles: dict, model_params: int, grid: list[float]) -> str:
+def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs;
-    a learning rate at either end of ``grid`` is marked †."""
-    lines, edges = [], (min(grid), max(grid))
+    a learning rate at either end of its variant's grid is marked †."""
+    lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
         lines += [f"### {dataset}", "",
                   "| method | rank | compared at | trainable params | % of model | test accuracy "
@@ -291,6 +305,10 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, grid: list[float]) -
                         params=("trainable_params", "mean"), lr=("lr", "first"),
                         spe=("seconds_per_epoch", "mean"), mem=("peak_mem_mb", "mean"),
                         n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
+        def edge(variant: str, rate: float) -> str:
+            grid = lr_grid(args, variant)
+            return "†" if rate in (min(grid), max(grid)) else ""
+
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
@@ -298,11 +316,17 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, grid: list[float]) -
                 f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
-                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}' + ('†' if r.lr in edges else '')} | "
+                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}' + edge(r.variant, r.lr)} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
-    lines.append(f"† the best of the searched learning rates ({', '.join(f'{x:g}' for x in grid)}) "
-                 "is at the edge of the grid.")
+    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items()}
+    if len(rates) == 1:
+        lines.append(f"† the best of the searched learning rates ({rates['*']}) is at the edge "
+                     "of the grid.")
+    else:
+        grids = "; ".join(f"{'others' if v == '*' else v}: {g}" for v, g in rates.items())
+        lines.append(f"† the best of the searched learning rates is at the edge of its "
+                     f"variant's grid ({grids}).")
     return "\n".join(lines)
 
 
@@ -312,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     specs, roles, model_params = plan(args)
     if not args.plot_only:
-        tuned_sweep(specs, args.lr_grid, list(range(args.seeds)), args.out, workers=args.workers,
-                    progress=not args.quiet)
+        tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
+                    args.out, workers=args.workers, progress=not args.quiet)
         add_probes(args)
     df = saved_results(args.out)
     if df is None:
         return 1
     rows = reported(df, specs, args)
-    text = table(rows, roles, model_params, args.lr_grid)
+    text = table(rows, roles, model_params, args)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.table.with_name(f".{args.table.name}.tmp")
     tmp.write_text(f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"

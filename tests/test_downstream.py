@@ -79,3 +79,24 @@ def test_help_and_bad_input():
     res = subprocess.run([sys.executable, str(SCRIPT), "--variants", "lorax"], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "--variants lorax unknown; choose from lora" in res.stderr
+
+
+def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length():
+    ds = study()
+    args = ds.parse(["--paper"])
+    assert ds.lr_grid(args, "full") == [3e-5, 1e-4, 3e-4]
+    assert ds.lr_grid(args, "vera") == [3e-3, 1e-2, 3e-2]
+    assert ds.lr_grid(args, "dora") == [1e-3, 3e-3, 1e-2]
+    assert ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]).lr_grid == {"*": [1e-3, 1e-2]}
+    assert not ds.parse([]).group_by_length
+    assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
+    specs, _, _ = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "--ranks"]))
+    assert [s.train["group_by_length"] for s in specs] == [True] * 4  # 2 datasets × 2 methods
+    assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
+    rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
+                         "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
+                         "test_macro_f1": 0.5, "trainable_params": 100, "lr": [3e-5, 3e-3, 1e-2],
+                         "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0})
+    md = ds.table(rows, {}, 10_000, args)
+    assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of own grid
+    assert "its variant's grid (full: 3e-05, 0.0001, 0.0003; vera:" in md

@@ -155,3 +155,19 @@ def test_group_id_ignores_only_seed_and_lr():
     assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 6}).group_id
     assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5},
                                  measure=("weights",)).group_id
+
+
+def test_each_spec_can_search_its_own_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(sw, "run_one", fake_row)  # dev optimum at 1e-2
+    out = tmp_path / "r.csv"
+    specs = [RunSpec("t", "lora", 1, 0, 0.0), RunSpec("t", "full", None, 0, 0.0)]
+    grids = {"lora": [1e-3, 1e-2, 1e-1], "full": [1e-5, 1e-4, 1e-3]}
+    res = tuned_sweep(specs, lambda s: grids[s.variant], [0, 1], out, progress=False)
+    assert dict(zip(res["variant"], res["lr"])) == {"lora": 1e-2, "full": 1e-3}
+    df = read_results(out)
+    assert {v: sorted(g["lr"].unique()) for v, g in df.groupby("variant")} == grids
+    said = dict(zip(res["variant"], res["lr_selection"]))
+    assert "lr 0.001/0.01/0.1 " in said["lora"] and "lr 1e-05/0.0001/0.001 " in said["full"]
+    with pytest.raises(ValueError, match="grid of full .* is empty"):
+        tuned_sweep(specs, lambda s: grids[s.variant] if s.variant == "lora" else [], [0], out,
+                    progress=False)

@@ -8,7 +8,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lowrank as lr
-from lowrank.train import NonFiniteLossError, TrainConfig, fgsm, pgd, train, warmup_linear
+from lowrank.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    fgsm,
+    length_grouped,
+    pgd,
+    train,
+    warmup_linear,
+)
 
 
 class TinyRegression:
@@ -177,3 +185,47 @@ def test_pgd_draws_a_fresh_random_start_per_call_reproducibly():
     assert not torch.equal(first, second)
     again = pgd(0.5, steps=1, seed=3)
     assert torch.equal(again(z, flat), first) and torch.equal(again(z, flat), second)
+
+
+# ---------------------------------------------------------------------- length grouping
+def _epoch(lengths, batch_size, seed=0):
+    """One epoch of grouped batches (as index lists) from a fresh generator."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = length_grouped(torch.randperm(len(lengths), generator=gen), lengths, batch_size, gen)
+    n = len(lengths) // batch_size * batch_size
+    return perm, [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def test_length_grouping_keeps_every_example_once_and_cuts_padding():
+    lengths = torch.randint(3, 65, (1000,), generator=torch.Generator().manual_seed(1))
+    perm, batches = _epoch(lengths, 32)
+    assert sorted(perm.tolist()) == list(range(1000))  # a permutation: nothing lost or repeated
+    padded = lambda bs: sum(int(lengths[b].max()) * len(b) for b in bs)  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.randperm(1000, generator=gen)
+    shuffled = [plain[i : i + 32] for i in range(0, 992, 32)]
+    # uniform lengths 3…64: a random batch of 32 pads to ≈ 62, a sorted run of 256 to within
+    # ≈ 61/8 of its own lengths, so the grouped epoch has far fewer padded tokens
+    assert padded(batches) < 0.7 * padded(shuffled)
+    assert _epoch(lengths, 32)[0].equal(perm)  # reproducible from the seed
+    assert not _epoch(lengths, 32, seed=1)[0].equal(perm)
+    # batch order is shuffled: lengths do not just fall within each run of 8 batches
+    first = [float(lengths[b].max()) for b in batches]
+    assert first != sorted(first, reverse=True)
+
+
+def test_length_grouping_with_fewer_examples_than_a_batch():
+    lengths = torch.tensor([5, 1, 3])
+    perm, _ = _epoch(lengths, 8)
+    assert sorted(perm.tolist()) == [0, 1, 2]
+
+
+def test_group_by_length_trains_text_and_refuses_fixed_size_inputs():
+    task = lr.tasks.get("text", dataset="trec", max_train=64, max_eval=16, max_length=24)
+    torch.manual_seed(0)
+    model = lr.inject(task.pretrained(), "lora", targets=task.targets, rank=2, seed=0)
+    cfg = dict(steps=3, batch_size=16, quiet=True)
+    out = train(model, task, TrainConfig(group_by_length=True, **cfg))
+    assert 0 <= out.metrics["test_accuracy"] <= 1
+    with pytest.raises(ValueError, match="group_by_length=True needs inputs of varying length"):
+        _run(steps=2, group_by_length=True)

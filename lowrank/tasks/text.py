@@ -177,6 +177,10 @@ class Text(Task):
             out[s] = TensorDataset(ids, mask, labels[i])
         return out
 
+    def lengths(self, split: str) -> Tensor:
+        """Tokens per sentence of ``split`` (with [CLS] and [SEP])."""
+        return self.split(split).tensors[1].sum(1)
+
     @staticmethod
     def _trim(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor]:
         mask = batch[1]
