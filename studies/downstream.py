@@ -291,8 +291,9 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
 
 
 def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace) -> str:
-    """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs;
-    a learning rate at either end of its variant's grid is marked †."""
+    """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
+    (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
+    machine); a learning rate at either end of its variant's grid is marked †."""
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
         lines += [f"### {dataset}", "",
@@ -303,7 +304,7 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
         summary = g.agg(acc=("test_accuracy", "mean"), acc_sd=("test_accuracy", "std"),
                         f1=("test_macro_f1", "mean"), f1_sd=("test_macro_f1", "std"),
                         params=("trainable_params", "mean"), lr=("lr", "first"),
-                        spe=("seconds_per_epoch", "mean"), mem=("peak_mem_mb", "mean"),
+                        spe=("seconds_per_epoch", "median"), mem=("peak_mem_mb", "mean"),
                         n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
         def edge(variant: str, rate: float) -> str:
             grid = lr_grid(args, variant)
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.table.with_name(f".{args.table.name}.tmp")
     tmp.write_text(f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
                    f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
-                   "dev-tuned learning rate.\n\n" + text)
+                   "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text)
     tmp.replace(args.table)
     paths = plots.downstream(rows, args.figure)
     print(text)

@@ -12,10 +12,11 @@ LoRA paper's observation that the learned ΔW has a very low "intrinsic rank" (H
 Trains every variant on the digits task (fc1, fc2 adapted) through tuned_sweep with
 measure=("weights",), so each (variant, rank) has its own dev-chosen learning rate; runs go to
 results/spectra_runs.csv (resumable). Text-task rows come from other sweeps' CSVs given with
---include (default results/downstream.csv when it exists): their dev-tuned rows that carry a
-`weights` column are folded in. Writes the tidy table results/spectra.csv (kind "layer": one
-row per run and layer with the summaries; kind "sv": one row per run, layer and index i with
-σᵢ, σᵢ/σ₁ and the cumulative energy Σ_{j≤i}σⱼ²/‖ΔW‖²_F) and paper_figures/spectra.{pdf,png}.
+--include (default: results/downstream_paper.csv, else results/downstream.csv): their dev-tuned
+rows that carry a `weights` column are folded in. Writes the tidy table results/spectra.csv
+(kind "layer": one row per run and layer with the summaries; kind "sv": one row per run, layer
+and index i with σᵢ, σᵢ/σ₁ and the cumulative energy Σ_{j≤i}σⱼ²/‖ΔW‖²_F) and
+paper_figures/spectra.{pdf,png}.
 
     python studies/spectra.py                  # digits, 12 variants × ranks 1 4 16 64, 3 seeds
     python studies/spectra.py --quick          # < 1 min smoke run
@@ -40,7 +41,8 @@ from lowrank import plots
 from lowrank.sweep import RunSpec, read_results, saved_results, tuned_rows, tuned_sweep, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_INCLUDE = ROOT / "results" / "downstream.csv"
+# the text rows: the full-size downstream run when there is one, else the reduced default
+DEFAULT_INCLUDES = [ROOT / "results" / "downstream_paper.csv", ROOT / "results" / "downstream.csv"]
 ALL_VARIANTS = ["full", "lora", "rslora", "pissa", "milora", "random_alignment", "frobenius",
                 "dora", "vera", "adalora", "loha", "lokr"]
 DEFAULTS = {"task": ["digits"], "variants": ALL_VARIANTS, "ranks": [1, 4, 16, 64], "seeds": 3,
@@ -74,8 +76,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the rank whose spectra the figure draws (the nearest rank present)")
     p.add_argument("--include", nargs="*", type=Path, default=None, metavar="CSV",
                    help="other sweep CSVs whose dev-tuned rows with a `weights` column are folded "
-                        f"in (default {DEFAULT_INCLUDE.relative_to(ROOT)} if it exists, none "
-                        "with --quick)")
+                        "in (default: results/downstream_paper.csv, else results/downstream.csv, "
+                        "if either exists; none with --quick)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the main process (runs there when --workers 1); small "
@@ -108,9 +110,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.spectrum_rank < 1 or min(args.lr_grid) <= 0:
         p.error("--spectrum-rank must be at least 1 and every --lr-grid value positive")
     if args.include is None:
-        args.include = [] if args.quick or not DEFAULT_INCLUDE.exists() else [DEFAULT_INCLUDE]
+        found = [p for p in DEFAULT_INCLUDES if p.exists()]
+        args.include = [] if args.quick or not found else found[:1]
         if not (args.quick or args.plot_only or args.include):
-            print(f"note: {DEFAULT_INCLUDE} not found; no text rows to fold in", file=sys.stderr)
+            print(f"note: neither {' nor '.join(map(str, DEFAULT_INCLUDES))} exists; no text "
+                  "rows to fold in", file=sys.stderr)
     for path in args.include:
         if not path.is_file():
             p.error(f"--include {path} does not exist; pass the CSV of a sweep run with "

@@ -100,3 +100,13 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
     md = ds.table(rows, {}, 10_000, args)
     assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of own grid
     assert "its variant's grid (full: 3e-05, 0.0001, 0.0003; vera:" in md
+
+
+def test_seconds_per_epoch_is_the_median_over_seeds():
+    ds = study()
+    rows = pd.DataFrame({"dataset": "trec", "variant": "lora", "rank": 8, "seed": [0, 1, 2],
+                         "test_accuracy": 0.8, "test_macro_f1": 0.8, "trainable_params": 10,
+                         "lr": 1e-3, "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
+                         "peak_mem_mb": 1.0})
+    assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3",
+                                                                 "1e-2"]))

@@ -158,3 +158,16 @@ def test_bad_input_is_refused_with_one_sentence(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and err.count(". ") == 0
+
+
+def test_text_rows_come_from_the_full_size_downstream_run_when_there_is_one(tmp_path, monkeypatch,
+                                                                            capsys):
+    sp = study()
+    paper, default = tmp_path / "downstream_paper.csv", tmp_path / "downstream.csv"
+    monkeypatch.setattr(sp, "DEFAULT_INCLUDES", [paper, default])
+    assert sp.parse([]).include == [] and "no text rows to fold in" in capsys.readouterr().err
+    default.write_text("run_id\n")
+    assert sp.parse([]).include == [default]
+    paper.write_text("run_id\n")
+    assert sp.parse([]).include == [paper]  # not both: their text runs differ in size
+    assert sp.parse(["--quick"]).include == []
