@@ -214,8 +214,9 @@ def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Ge
                    group: int = 8) -> Tensor:
     """``perm`` reordered so that each batch holds inputs of similar length (less padding):
     every run of ``group`` batches of ``perm`` is sorted by length and cut into batches, and the
-    order of the epoch's full batches is shuffled (the remainder stays last, where it is dropped).
-    The grouped sampler of Hugging Face's ``group_by_length``, with smaller groups."""
+    order of the epoch's full batches is shuffled. The remainder (``len(perm) % batch_size``, the
+    shortest inputs of the last run) stays last, where the trainer drops it as the incomplete
+    batch. The grouped sampler of Hugging Face's ``group_by_length``, with smaller groups."""
     chunks = perm.split(group * batch_size)
     order = torch.cat([c[lengths[c].argsort(descending=True, stable=True)] for c in chunks])
     full = len(order) // batch_size * batch_size
