@@ -294,6 +294,10 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
     machine); a learning rate at either end of its variant's grid is marked †."""
+    def edge(variant: str, rate: float) -> str:
+        grid = lr_grid(args, variant)
+        return "†" if rate in (min(grid), max(grid)) else ""
+
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
         lines += [f"### {dataset}", "",
@@ -306,10 +310,6 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
                         params=("trainable_params", "mean"), lr=("lr", "first"),
                         spe=("seconds_per_epoch", "median"), mem=("peak_mem_mb", "mean"),
                         n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
-        def edge(variant: str, rate: float) -> str:
-            grid = lr_grid(args, variant)
-            return "†" if rate in (min(grid), max(grid)) else ""
-
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
