@@ -110,8 +110,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.spectrum_rank < 1 or min(args.lr_grid) <= 0:
         p.error("--spectrum-rank must be at least 1 and every --lr-grid value positive")
     if args.include is None:
-        found = [p for p in DEFAULT_INCLUDES if p.exists()]
-        args.include = [] if args.quick or not found else found[:1]
+        found = [path for path in DEFAULT_INCLUDES if path.exists()]
+        args.include = [] if args.quick else found[:1]
         if not (args.quick or args.plot_only or args.include):
             print(f"note: neither {' nor '.join(map(str, DEFAULT_INCLUDES))} exists; no text "
                   "rows to fold in", file=sys.stderr)
