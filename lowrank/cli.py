@@ -11,12 +11,11 @@ Exit codes: 0 success, 1 runtime failure (one sentence on stderr), 2 usage error
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from . import analysis
 from .adapters.base import make
+from .files import atomic_path
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "rank_ablation.py"
 
@@ -218,21 +218,12 @@ def reconstruction_errors(path: Path, ranks: Sequence[int]) -> list[dict[str, An
 def write_csv_atomic(rows: list[dict[str, Any]], out: Path, force: bool) -> None:
     """Write ``rows`` as CSV to ``out`` via a temporary file and a rename; an existing ``out``
     is replaced only with ``force``."""
-    import csv
-
     if out.exists() and not force:
         raise CLIError(f"{out} exists; pass --force to overwrite it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def format_reconstruction(rows: list[dict[str, Any]], ranks: Sequence[int]) -> str:

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .files import atomic_path
 from .inject import inject
 from .train import (
     NonFiniteLossError,
@@ -223,15 +224,9 @@ def saved_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFram
 
 
 def write_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``df`` as CSV through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write ``df`` as CSV (no index) through :func:`lowrank.files.atomic_path`."""
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _init_worker(threads: int) -> None:

@@ -27,7 +27,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -39,6 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
+
+from ..files import atomic_path
 
 SPLITS = ("train", "dev", "test")
 CACHE_VERSION = "1"  # bump to invalidate every cached pretrained model
@@ -288,14 +289,7 @@ def cached_pretrained(task: str, options: dict[str, Any], model: nn.Module,
         except (SafetensorError, OSError, RuntimeError) as e:
             warnings.warn(f"cached weights {path} are unreadable ({e}); retraining", stacklevel=2)
     train(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return model.eval()
