@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .files import atomic_path
 from .inject import inject
 from .train import (
