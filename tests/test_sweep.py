@@ -1,6 +1,7 @@
 """Sweeps: one row per run, atomic writes, resume after a crash, executors, lr selection."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -56,6 +57,18 @@ PINNED = [
 @pytest.mark.parametrize(("spec", "run_id", "group_id"), PINNED)
 def test_run_and_group_ids_are_those_the_committed_csvs_resume_on(spec, run_id, group_id):
     assert (spec.run_id, spec.group_id) == (run_id, group_id)
+
+
+def test_saved_results_of_a_missing_or_empty_table_raises_naming_the_path(tmp_path):
+    missing = tmp_path / "none.csv"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(missing))} does not exist$"):
+        sw.saved_results(missing)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("run_id,task\n")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(empty))} holds no rows$"):
+        sw.saved_results(empty)
+    empty.write_text("run_id,task\nabc,t\n")
+    assert sw.saved_results(empty)["run_id"].tolist() == ["abc"]
 
 
 def test_sweep_resumes_after_a_crash_without_losing_or_duplicating_rows(tmp_path, monkeypatch):

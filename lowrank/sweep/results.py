@@ -33,13 +33,13 @@ def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame
     return df
 
 
-def saved_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame | None:
-    """:func:`read_results` for a study's ``--plot-only``: None, after saying on stderr that the
-    study has to run first, when ``path`` holds no rows."""
+def saved_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame:
+    """:func:`read_results` of a table that must hold rows already (to redraw a figure from);
+    raises FileNotFoundError naming ``path`` when it does not exist or holds no rows."""
     df = read_results(path, key=key)
     if df.empty:
-        print(f"{path} does not exist; run without --plot-only first", file=sys.stderr)
-        return None
+        state = "holds no rows" if Path(path).exists() else "does not exist"
+        raise FileNotFoundError(f"{path} {state}")
     return df
 
 
