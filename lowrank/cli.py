@@ -25,9 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from . import analysis
+from . import analysis, plots
 from .adapters.base import make
 from .files import atomic_path
+from .io import AdapterFileError, read_adapter_dir
+from .sweep import read_results, tuned_rows
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "rank_ablation.py"
 
@@ -73,9 +75,6 @@ def ablate(argv: Sequence[str]) -> int:
 
 def plot(csv: Path, figure: Path | None) -> list[Path]:
     """Redraw the rank-ablation figure from ``csv`` at the dev-chosen learning rates."""
-    from . import plots
-    from .sweep import read_results, tuned_rows
-
     df = read_results(csv)
     if df.empty:
         raise CLIError(f"{csv} does not exist or has no rows; run lowrank ablate first")
@@ -118,8 +117,6 @@ def delta_from_file(variant: str, options: dict[str, Any], shape: tuple[int, int
 def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
     """A summary of a saved adapter directory: format, versions, and per layer the variant,
     shape, rank, trainable parameter count (from the tensors) and ΔW's spectrum summary."""
-    from .io import read_adapter_dir
-
     config, tensors = read_adapter_dir(path)
     layers = []
     for name, spec in config.get("layers", {}).items():
@@ -291,8 +288,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank`` command; returns the exit code."""
-    from .io import AdapterFileError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     try:
