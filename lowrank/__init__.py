@@ -4,14 +4,16 @@
 >>> ad = lr.make("lora", torch.nn.Linear(64, 32), rank=4)   # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # bound first: io.py still reads it from the package
 
+# isort: split
 from . import analysis, io, linalg, tasks
 from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
 __all__ = [
+    "__version__",
     "Adapter",
     "AdapterFileError",
     "LowRankAdapter",

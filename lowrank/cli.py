@@ -11,12 +11,11 @@ Exit codes: 0 success, 1 runtime failure (one sentence on stderr), 2 usage error
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from . import analysis
+from . import analysis, plots
 from .adapters.base import make
+from .files import atomic_path
+from .io import AdapterFileError, read_adapter_dir
+from .sweep import read_results, tuned_rows
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "rank_ablation.py"
 
@@ -73,9 +75,6 @@ def ablate(argv: Sequence[str]) -> int:
 
 def plot(csv: Path, figure: Path | None) -> list[Path]:
     """Redraw the rank-ablation figure from ``csv`` at the dev-chosen learning rates."""
-    from . import plots
-    from .sweep import read_results, tuned_rows
-
     df = read_results(csv)
     if df.empty:
         raise CLIError(f"{csv} does not exist or has no rows; run lowrank ablate first")
@@ -118,8 +117,6 @@ def delta_from_file(variant: str, options: dict[str, Any], shape: tuple[int, int
 def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
     """A summary of a saved adapter directory: format, versions, and per layer the variant,
     shape, rank, trainable parameter count (from the tensors) and ΔW's spectrum summary."""
-    from .io import read_adapter_dir
-
     config, tensors = read_adapter_dir(path)
     layers = []
     for name, spec in config.get("layers", {}).items():
@@ -218,21 +215,12 @@ def reconstruction_errors(path: Path, ranks: Sequence[int]) -> list[dict[str, An
 def write_csv_atomic(rows: list[dict[str, Any]], out: Path, force: bool) -> None:
     """Write ``rows`` as CSV to ``out`` via a temporary file and a rename; an existing ``out``
     is replaced only with ``force``."""
-    import csv
-
     if out.exists() and not force:
         raise CLIError(f"{out} exists; pass --force to overwrite it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def format_reconstruction(rows: list[dict[str, Any]], ranks: Sequence[int]) -> str:
@@ -300,8 +288,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank`` command; returns the exit code."""
-    from .io import AdapterFileError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     try:

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .files import atomic_path  # noqa: E402
+
 # Okabe–Ito, yellow last: it is the one colour that is hard to see on white
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
              "#F0E442"]
@@ -68,17 +70,12 @@ def label(metric: str) -> str:
 def save(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
     """Write ``stem``.pdf and ``stem``.png atomically (temp file, then rename)."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
     # no creation date in the PDF: redrawing the same data gives the same file
     for ext, kw in (("pdf", {"metadata": {"CreationDate": None}}), ("png", {"dpi": 200})):
         path = stem.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.{ext}")
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format=ext, **kw)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         out.append(path)
     plt.close(fig)
     return out

@@ -4,8 +4,8 @@ AdamW on the trainable parameters, linear warm-up then linear decay (seed 001), 
 clipping, each adapter's ``penalty()`` added to the loss, optional adversarial regularisation
 (FGSM or k-step PGD on the task's continuous input representation: pixels, or word embeddings
 for text; Goodfellow et al. 2015, Madry et al. 2018), evaluation on the dev split every epoch,
-training hooks called after each optimiser step (AdaLoRA's rank allocator), and a hard stop on
-a non-finite loss.
+training hooks called after each optimiser step (e.g. an adapter's rank allocator), and a hard
+stop on a non-finite loss. A task is anything that is a :class:`~lowrank.tasks.base.TrainTask`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .inject import adapters
-from .tasks.base import evaluating
+from .tasks.base import HasAnalysis, HasInputBounds, HasLengths, Perturb, Task, TrainTask, evaluating
 
 Hook = Callable[[nn.Module, int], None]
-Perturb = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -138,7 +137,7 @@ def pgd(eps: float, steps: int = 3, seed: int = 0, bounds: Bounds = None) -> Per
     return perturb
 
 
-def robust_accuracy(model: nn.Module, task: Any, split: str, perturb: Perturb | None,
+def robust_accuracy(model: nn.Module, task: Task, split: str, perturb: Perturb | None,
                     batch_size: int = 512) -> float:
     """Accuracy on ``split`` with every input representation z moved by ``perturb(z, loss)``
     first (None: clean accuracy); eval mode, gradients only with respect to z."""
@@ -170,7 +169,7 @@ class PeakMemory:
         try:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # no /proc (macOS); ``resource`` is Unix-only, so imported here
             import resource
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -228,7 +227,7 @@ def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Ge
 
 def train(
     model: nn.Module,
-    task: Any,
+    task: TrainTask,
     config: TrainConfig,
     hooks: Sequence[Hook] = (),
     device: str = "cpu",
@@ -248,7 +247,7 @@ def train(
         opt, lambda s: warmup_linear(s, config.steps, config.warmup)
     )
     perturb = None
-    bounds = getattr(task, "input_bounds", None)
+    bounds = task.input_bounds if isinstance(task, HasInputBounds) else None
     if config.adversarial == "fgsm":
         perturb = fgsm(config.adv_eps, bounds)
     elif config.adversarial == "pgd":
@@ -261,7 +260,7 @@ def train(
     quiet = config.quiet or not sys.stderr.isatty()
     lengths = None
     if config.group_by_length:
-        if not hasattr(task, "lengths"):
+        if not isinstance(task, HasLengths):
             raise ValueError(f"group_by_length=True needs inputs of varying length; the "
                              f"{type(task).__name__} task has none, so leave it False")
         lengths = task.lengths("train")
@@ -296,7 +295,7 @@ def train(
         seconds = time.perf_counter() - start
         metrics = {f"dev_{k}": v for k, v in task.evaluate(model, "dev").items()}
         metrics.update({f"test_{k}": v for k, v in task.evaluate(model, "test").items()})
-        if hasattr(task, "analysis"):
+        if isinstance(task, HasAnalysis):
             metrics.update(task.analysis(model))
     history.append({"step": config.steps, **{k[4:]: v for k, v in metrics.items()
                                               if k.startswith("dev_")}})

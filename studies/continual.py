@@ -229,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.perf_counter()
     if args.plot_only:
-        df = saved_results(args.out)
-        if df is None:
+        try:
+            df = saved_results(args.out)
+        except FileNotFoundError as e:
+            print(f"{e}; run without --plot-only first", file=sys.stderr)
             return 1
         rows = tuned_rows(df)
     else:

@@ -340,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
                     args.out, workers=args.workers, progress=not args.quiet)
         add_probes(args)
-    df = saved_results(args.out)
-    if df is None:
+    try:
+        df = saved_results(args.out)
+    except FileNotFoundError as e:
+        print(f"{e}; run without --plot-only first", file=sys.stderr)
         return 1
     rows = reported(df, specs, args)
     text = table(rows, roles, model_params, args)

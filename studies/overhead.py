@@ -195,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_shape(d, r, args)
                 write_atomic(pd.DataFrame(rows), args.out)
                 print(f"d={d} r={r} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    df = saved_results(args.out, key=None) if args.plot_only else pd.DataFrame(rows)
-    if df is None or df.empty:
+    try:
+        df = saved_results(args.out, key=None) if args.plot_only else pd.DataFrame(rows)
+    except FileNotFoundError as e:
+        print(f"{e}; run without --plot-only first", file=sys.stderr)
+        return 1
+    if df.empty:
         return 1
     paths = plots.overhead(df, args.figure)
     show = df[df["config"].isin(["lora", "lora (merged)", "dora", "dora (merged)", "peft lora",

@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     if args.plot_only:
-        table = saved_results(args.out, key=None)
-        if table is None:
+        try:
+            table = saved_results(args.out, key=None)
+        except FileNotFoundError as e:
+            print(f"{e}; run without --plot-only first", file=sys.stderr)
             return 1
     else:
         rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,

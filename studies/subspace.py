@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     if args.plot_only:
-        df = saved_results(args.out, key=None)
-        if df is None:
+        try:
+            df = saved_results(args.out, key=None)
+        except FileNotFoundError as e:
+            print(f"{e}; run without --plot-only first", file=sys.stderr)
             return 1
     else:
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Sweeps: one row per run, atomic writes, resume after a crash, executors, lr selection."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -33,6 +34,43 @@ def test_run_id_is_a_stable_function_of_the_whole_spec():
     assert a.run_id != RunSpec("synthetic", "lora", 4, 0, 1e-3, train={"steps": 6}).run_id
 
 
+# run_id and group_id of specs as the studies build them, computed before sweep.py became a
+# package. Every results CSV resumes on these hashes: if one changes, re-running a study re-runs
+# all its committed runs instead of skipping them. The first three are rows of the committed
+# results/rank_ablation.csv (synthetic lora r=4, digits full) and results/spectra_runs.csv.
+STUDY_TRAIN = {"steps": 300, "batch_size": 64, "eval_every": 300}
+PINNED = [
+    (RunSpec("synthetic", "lora", 4, seed=0, lr=0.01, train=STUDY_TRAIN),
+     "b1f13037039f2ea7", "6a139ae65b879878"),
+    (RunSpec("digits", "full", None, seed=0, lr=0.003, train=STUDY_TRAIN),
+     "d05c465822ddd28c", "d8c052ea5b859159"),
+    (RunSpec("digits", "rslora", 64, seed=0, lr=0.003, train=STUDY_TRAIN, measure=("weights",)),
+     "1e6a72b68399e4b0", "a259aff804779ce8"),
+    (RunSpec("digits", "dora", 16, seed=1, lr=3e-2, task_options={"targets": ["fc1", "fc2"]},
+             variant_options={"alpha": 32, "dropout": 0.1}, train={"steps": 300},
+             measure=("weights", "robustness")),
+     "3f6a462d9f8e6952", "8504f87b2635e5b9"),
+    (RunSpec("t", "lora", 1, 0, 1e-2), "d32fe11246da525c", "fc5dfd96fa51c90f"),
+]
+
+
+@pytest.mark.parametrize(("spec", "run_id", "group_id"), PINNED)
+def test_run_and_group_ids_are_those_the_committed_csvs_resume_on(spec, run_id, group_id):
+    assert (spec.run_id, spec.group_id) == (run_id, group_id)
+
+
+def test_saved_results_of_a_missing_or_empty_table_raises_naming_the_path(tmp_path):
+    missing = tmp_path / "none.csv"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(missing))} does not exist$"):
+        sw.saved_results(missing)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("run_id,task\n")
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(empty))} holds no rows$"):
+        sw.saved_results(empty)
+    empty.write_text("run_id,task\nabc,t\n")
+    assert sw.saved_results(empty)["run_id"].tolist() == ["abc"]
+
+
 def test_sweep_resumes_after_a_crash_without_losing_or_duplicating_rows(tmp_path, monkeypatch):
     out = tmp_path / "r.csv"
     specs = [RunSpec("t", "lora", r, 0, 1e-2) for r in range(1, 7)]
@@ -44,11 +82,11 @@ def test_sweep_resumes_after_a_crash_without_losing_or_duplicating_rows(tmp_path
             raise KeyboardInterrupt  # Ctrl-C in the middle of the 4th run
         return fake_row(spec)
 
-    monkeypatch.setattr(sw, "run_one", crashing)
+    monkeypatch.setattr(sw.results, "run_one", crashing)
     with pytest.raises(KeyboardInterrupt):
         sweep(specs, out, progress=False)
     assert len(pd.read_csv(out)) == 3  # the three finished runs are on disk, complete
-    monkeypatch.setattr(sw, "run_one", fake_row)
+    monkeypatch.setattr(sw.results, "run_one", fake_row)
     df = sweep(specs, out, progress=False)
     on_disk = pd.read_csv(out)
     assert len(df) == len(on_disk) == 6
@@ -60,7 +98,7 @@ def test_sweep_resumes_after_a_crash_without_losing_or_duplicating_rows(tmp_path
 
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     out = tmp_path / "r.csv"
-    monkeypatch.setattr(sw, "run_one", fake_row)
+    monkeypatch.setattr(sw.results, "run_one", fake_row)
     sweep([RunSpec("t", "lora", 1, 0, 1e-2)], out, progress=False)
     before = out.read_bytes()
 
@@ -85,7 +123,7 @@ def test_a_csv_not_written_by_lowrank_is_never_overwritten(tmp_path):
 
 
 def test_tuned_sweep_picks_the_dev_best_lr_and_reuses_it_for_other_seeds(tmp_path, monkeypatch):
-    monkeypatch.setattr(sw, "run_one", fake_row)
+    monkeypatch.setattr(sw.results, "run_one", fake_row)
     out = tmp_path / "r.csv"
     res = tuned_sweep(grid(2), [1e-3, 1e-2, 1e-1], [0, 1, 2], out, progress=False)
     assert set(res["lr"]) == {1e-2}
@@ -127,7 +165,7 @@ def test_training_configurations_of_one_variant_get_their_own_learning_rate(tmp_
         best = -2 if spec.train["steps"] == 5 else -1
         return {**fake_row(spec), "dev_accuracy": -abs(math.log10(spec.lr) - best)}
 
-    monkeypatch.setattr(sw, "run_one", row)
+    monkeypatch.setattr(sw.results, "run_one", row)
     out, lrs = tmp_path / "r.csv", [1e-3, 1e-2, 1e-1]
     short = tuned_sweep([RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 5})], lrs, [0, 1], out,
                         progress=False)
@@ -140,7 +178,7 @@ def test_training_configurations_of_one_variant_get_their_own_learning_rate(tmp_
 
 
 def test_a_wider_grid_moves_the_mark_to_the_new_best_rate(tmp_path, monkeypatch):
-    monkeypatch.setattr(sw, "run_one", fake_row)  # dev optimum at 1e-2
+    monkeypatch.setattr(sw.results, "run_one", fake_row)  # dev optimum at 1e-2
     out = tmp_path / "r.csv"
     tuned_sweep(grid(1), [1e-3], [0, 1], out, progress=False)
     tuned_sweep(grid(1), [1e-3, 1e-2], [0, 1], out, progress=False)
@@ -158,7 +196,7 @@ def test_group_id_ignores_only_seed_and_lr():
 
 
 def test_each_spec_can_search_its_own_grid(tmp_path, monkeypatch):
-    monkeypatch.setattr(sw, "run_one", fake_row)  # dev optimum at 1e-2
+    monkeypatch.setattr(sw.results, "run_one", fake_row)  # dev optimum at 1e-2
     out = tmp_path / "r.csv"
     specs = [RunSpec("t", "lora", 1, 0, 0.0), RunSpec("t", "full", None, 0, 0.0)]
     grids = {"lora": [1e-3, 1e-2, 1e-1], "full": [1e-5, 1e-4, 1e-3]}

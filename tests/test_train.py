@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lowrank as lr
+from lowrank.tasks.base import HasAnalysis, HasInputBounds, HasLengths, TrainTask
 from lowrank.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -229,3 +230,31 @@ def test_group_by_length_trains_text_and_refuses_fixed_size_inputs():
     assert 0 <= out.metrics["test_accuracy"] <= 1
     with pytest.raises(ValueError, match="group_by_length=True needs inputs of varying length"):
         _run(steps=2, group_by_length=True)
+
+
+def test_every_task_is_a_train_task_with_the_capabilities_it_declares():
+    """The loop's optional capabilities are typed protocols: exactly the text task has lengths
+    (group_by_length), exactly the synthetic task an analysis (ΔW against the planted ΔW*),
+    every Task declares input bounds (None for ℝ)."""
+    classes = {name: lr.tasks.task_class(name) for name in lr.tasks.names()}
+    assert all(issubclass(c, TrainTask) and issubclass(c, lr.tasks.Task) for c in classes.values())
+    assert {n for n, c in classes.items() if issubclass(c, HasLengths)} == {"text"}
+    assert {n for n, c in classes.items() if issubclass(c, HasAnalysis)} == {"synthetic"}
+    assert all(hasattr(c, "input_bounds") for c in classes.values())
+
+
+def test_a_task_with_only_the_required_members_trains_and_an_analysis_joins_the_metrics():
+    task = TinyRegression()
+    assert isinstance(task, TrainTask)
+    assert not isinstance(task, HasLengths | HasAnalysis | HasInputBounds)
+    _, plain = _run(steps=5)
+    assert {k.split("_")[0] for k in plain.metrics} == {"dev", "test"}
+
+    class Analysed(TinyRegression):
+        def analysis(self, model):
+            return {"delta_norm": float(lr.adapters(model)["lin"].delta_weight().detach().norm())}
+
+    model = lr.inject(Analysed().pretrained(), "lora", targets=["lin"], rank=2, seed=0)
+    out = train(model, Analysed(), TrainConfig(steps=5, quiet=True))
+    trained = float(lr.adapters(model)["lin"].delta_weight().detach().norm())
+    assert out.metrics["delta_norm"] == trained > 0  # of the trained model (ΔW = 0 at init)

@@ -14,7 +14,7 @@ import importlib
 import inspect
 from typing import Any
 
-from .base import Task, cache_dir
+from .base import HasAnalysis, HasInputBounds, HasLengths, Task, TrainTask, cache_dir
 
 _REGISTRY = {
     "synthetic": "synthetic:Synthetic",
@@ -51,4 +51,5 @@ def get(name: str, **options: Any) -> Task:
     return cls(**options)
 
 
-__all__ = ["Task", "cache_dir", "get", "names", "task_class"]
+__all__ = ["HasAnalysis", "HasInputBounds", "HasLengths", "Task", "TrainTask", "cache_dir", "get",
+           "names", "task_class"]

@@ -1,4 +1,5 @@
-"""The :class:`Task` interface that the one training loop uses for every task, and what tasks share.
+"""The :class:`Task` base class of every task, the :class:`TrainTask` protocol (what the one
+training loop needs of a task) with its optional capabilities, and what tasks share.
 
 A task owns a pretrained base model and the fixed train/dev/test splits of its downstream
 (adaptation) problem. Training code sees a task only through this interface:
@@ -27,11 +28,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,49 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from ..files import atomic_path
+
 SPLITS = ("train", "dev", "test")
 CACHE_VERSION = "1"  # bump to invalidate every cached pretrained model
 PRETRAIN_SEED = 0  # pretrained bases never depend on the run seed
 
 Batch = Sequence[Tensor]
 Perturb = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What :func:`lowrank.train.train` needs of a task: its splits, a training loss (with the
+    input representation moved by ``perturb`` first, for adversarial training) and its metrics.
+    Every :class:`Task` is one; the optional capabilities below are probed with ``isinstance``."""
+
+    def split(self, name: str) -> TensorDataset: ...
+
+    def loss(self, model: nn.Module, batch: Batch, perturb: Perturb | None = None) -> Tensor: ...
+
+    def evaluate(self, model: nn.Module, split: str, batch_size: int = 512) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class HasInputBounds(Protocol):
+    """A task that says which box its continuous input z lives in (None: ℝ); attacks stay inside."""
+
+    input_bounds: tuple[float, float] | None
+
+
+@runtime_checkable
+class HasLengths(Protocol):
+    """A task whose inputs vary in length (token counts), so batches can group similar lengths."""
+
+    def lengths(self, split: str) -> Tensor: ...
+
+
+@runtime_checkable
+class HasAnalysis(Protocol):
+    """A task that measures the trained model beyond :meth:`Task.evaluate` (e.g. against a
+    planted ground truth); the columns are added to the run's metrics."""
+
+    def analysis(self, model: nn.Module) -> dict[str, float]: ...
 
 
 class Task:
@@ -288,14 +325,7 @@ def cached_pretrained(task: str, options: dict[str, Any], model: nn.Module,
         except (SafetensorError, OSError, RuntimeError) as e:
             warnings.warn(f"cached weights {path} are unreadable ({e}); retraining", stacklevel=2)
     train(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return model.eval()

@@ -1,0 +1,79 @@
+"""The results CSV: read it (refusing files lowrank did not write), rewrite it atomically, and
+:func:`sweep`, which runs only the specs whose ``run_id`` it does not hold yet."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..files import atomic_path
+from .executors import execute
+from .run import run_one
+from .spec import KEY, RunSpec
+
+
+def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame:
+    """The results CSV as a DataFrame (empty when the file does not exist). With ``key``, a
+    file without that column is refused: it was not written by lowrank and must not be
+    overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame()
+    df = pd.read_csv(path)
+    if key is not None and key not in df.columns:
+        raise ValueError(
+            f"{path} exists but was not written by a lowrank sweep (no {key!r} column); "
+            "choose another output path so it is not overwritten"
+        )
+    return df
+
+
+def saved_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame:
+    """:func:`read_results` of a table that must hold rows already (to redraw a figure from);
+    raises FileNotFoundError naming ``path`` when it does not exist or holds no rows."""
+    df = read_results(path, key=key)
+    if df.empty:
+        state = "holds no rows" if Path(path).exists() else "does not exist"
+        raise FileNotFoundError(f"{path} {state}")
+    return df
+
+
+def write_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``df`` as CSV (no index) through :func:`lowrank.files.atomic_path`."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def sweep(
+    specs: Iterable[RunSpec],
+    out: str | os.PathLike,
+    workers: int = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every spec whose run_id is not in ``out`` yet; append each row as it finishes.
+
+    After each run the whole CSV is rewritten atomically, so the file on disk is always
+    complete and a sweep resumes after a crash or Ctrl-C with nothing lost or duplicated.
+    ``executor``, ``workers`` and ``scheduler``: see :func:`lowrank.sweep.executors.execute`.
+    Returns the whole table (old and new rows).
+    """
+    df = read_results(out)
+    done = set(df[KEY]) if len(df) else set()
+    pending = list(dict.fromkeys(s for s in specs if s.run_id not in done))
+    rows = df.to_dict("records")
+    bar = tqdm(total=len(pending), desc="runs", disable=not progress or not pending,
+               file=sys.stderr)
+    logs = Path(out).parent / f".{Path(out).stem}.submitit"  # submitit's job folder
+    for row in execute(run_one, pending, workers, executor, scheduler, logs):
+        rows.append(row)
+        write_atomic(pd.DataFrame(rows), out)
+        bar.update()
+    bar.close()
+    return pd.DataFrame(rows) if rows else df

@@ -1,0 +1,100 @@
+"""One run: a :class:`RunSpec` → the task's pretrained model, the variant injected, trained,
+measured → one results row."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from .. import tasks
+from ..adapters.base import variant_class
+from ..analysis import weight_report
+from ..inject import inject
+from ..tasks.base import Task
+from ..train import NonFiniteLossError, TrainConfig, fgsm, pgd, robust_accuracy, seed_everything, train
+from .spec import GROUP, KEY, RunSpec, provenance
+
+
+@functools.lru_cache(maxsize=8)
+def _task(name: str, options: str) -> Task:
+    return tasks.get(name, **json.loads(options))
+
+
+def training_hooks(model: Any, variant: str, total_steps: int) -> list:
+    """Hooks a variant needs inside the training loop (e.g. a rank allocator that prunes)."""
+    make_hooks = getattr(variant_class(variant), "training_hooks", None)
+    return list(make_hooks(model, total_steps)) if make_hooks else []
+
+
+def _weights(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
+    """Column ``weights``: :func:`lowrank.analysis.weight_report` of every layer, as JSON."""
+    return {"weights": json.dumps(weight_report(model))}
+
+
+def _robustness(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
+    """Test accuracy clean, under FGSM and under 10-step PGD, at ε = ``config.adv_eps``."""
+    eps, bounds = config.adv_eps, task.input_bounds
+    return {"robust_eps": eps,
+            "test_clean_accuracy": robust_accuracy(model, task, "test", None),
+            "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps, bounds)),
+            "test_pgd_accuracy": robust_accuracy(model, task, "test",
+                                                 pgd(eps, ROBUST_PGD_STEPS, config.seed, bounds))}
+
+
+ROBUST_PGD_STEPS = 10
+# What RunSpec.measure may ask for after training: name → (model, task, config) → row columns.
+MEASURES = {"weights": _weights, "robustness": _robustness}
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Build the task's pretrained model, inject the variant, train, and return the row."""
+    unknown = sorted(set(spec.measure) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"measure {unknown} is unknown; choose from {', '.join(MEASURES)}")
+    task = _task(spec.task, json.dumps(spec.task_options, sort_keys=True))
+    config = TrainConfig(seed=spec.seed, lr=spec.lr, quiet=True, **spec.train)
+    seed_everything(spec.seed)
+    model = task.pretrained()
+    options = dict(spec.variant_options)
+    if spec.rank is not None:
+        options["rank"] = spec.rank
+    inject(model, spec.variant, targets=task.targets, modules_to_save=task.modules_to_save,
+           seed=spec.seed, **options)
+    row: dict[str, Any] = {
+        KEY: spec.run_id,
+        GROUP: spec.group_id,
+        "task": spec.task,
+        "variant": spec.variant,
+        "rank": spec.rank,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "task_options": json.dumps(spec.task_options, sort_keys=True),
+        "variant_options": json.dumps(spec.variant_options, sort_keys=True),
+        "targets": json.dumps(task.targets),
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "selection_metric": task.selection_metric or task.metric,
+        **{k: v for k, v in asdict(config).items() if k not in ("seed", "lr", "quiet")},
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        **provenance(),
+    }
+    try:
+        result = train(model, task, config, hooks=training_hooks(model, spec.variant, config.steps))
+    except NonFiniteLossError as e:
+        return {**row, "status": "diverged", "error": str(e)}
+    measured = {k: v for name in spec.measure for k, v in MEASURES[name](model, task, config).items()}
+    return {
+        **row,
+        "status": "ok",
+        "error": "",
+        "trainable_params": result.trainable_params,
+        "train_seconds": round(result.train_seconds, 4),
+        "peak_mem_mb": round(result.peak_mem_mb, 1),
+        **result.metrics,
+        **measured,
+    }

@@ -1,0 +1,96 @@
+"""Fair learning rates: each search group (a run's ``group_id``: every field of its spec but
+seed and lr) gets its own, chosen on the dev split from a grid at the first seed with the same
+step budget as every other variant; the other seeds reuse it. The test split is never used for
+a choice."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pandas as pd
+
+from .results import sweep, write_atomic
+from .spec import GROUP, KEY, RunSpec
+
+LEGACY_GROUP = ["task", "variant", "rank", "task_options", "variant_options"]
+
+
+def groups(df: pd.DataFrame) -> pd.Series:
+    """Each row's learning-rate search group: ``group_id`` (every field of the spec but seed and
+    lr, so training configurations never share a search), or for rows written before that
+    column existed, their (task, variant, rank, options)."""
+    legacy = pd.Series(["|".join(map(str, t)) for t in df[LEGACY_GROUP].itertuples(index=False)],
+                       index=df.index, dtype=object)
+    return df[GROUP].fillna(legacy) if GROUP in df else legacy
+
+
+def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
+    """The learning rate each search group (:func:`groups`) reached its best dev
+    ``selection_metric`` with (default: the headline metric), at ``search_seed``; diverged runs
+    count as worst. Columns: ``group``, the legacy group columns and ``lr``."""
+    df = df[df["seed"] == search_seed].assign(group=groups)
+    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
+    metric = "dev_" + chosen_on.fillna(df["metric"])
+    df["_dev"] = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
+    sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
+    df["_score"] = (df["_dev"] * sign).fillna(float("inf"))
+    pick = df.sort_values(["_score", "lr"]).groupby("group", sort=False).head(1)
+    return pick[["group", *LEGACY_GROUP, "lr"]].reset_index(drop=True)
+
+
+def tuned_sweep(
+    base: Sequence[RunSpec],
+    lr_grid: Sequence[float] | Callable[[RunSpec], Sequence[float]],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    **execute: Any,
+) -> pd.DataFrame:
+    """Per-variant learning-rate search on dev at ``seeds[0]``, then the other seeds at the best
+    learning rate. ``base`` holds one spec per (task, variant, rank, options, training config);
+    its seed and lr are replaced. ``lr_grid`` is one grid for all, or a function giving each
+    spec its own. Returns the rows of the chosen learning rates for every seed; in the CSV,
+    ``lr_selected`` marks exactly those rows of these groups (a row chosen by an earlier,
+    different grid loses the mark) and ``lr_selection`` says how they were chosen."""
+    if not seeds:
+        raise ValueError("seeds is empty; pass at least one seed")
+    grids = {s.group_id: list(lr_grid(s) if callable(lr_grid) else lr_grid) for s in base}
+    for s in base:
+        if not grids[s.group_id]:
+            raise ValueError(f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; "
+                             "give it at least one rate")
+    search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
+    df = _with_groups(sweep(search, out, **execute), search)
+    chosen = best_lr(df[df[GROUP].isin(grids)], seeds[0])
+    lookup = dict(zip(chosen["group"], chosen["lr"]))
+    final = [replace(s, seed=seed, lr=lookup[s.group_id]) for s in base for seed in seeds]
+    df = _with_groups(sweep(final, out, **execute), search + final)
+    selected = df[KEY].isin({s.run_id for s in final})
+    earlier = df["lr_selected"].fillna(False).astype(bool) if "lr_selected" in df else False
+    df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(grids))
+    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
+    if "lr_selection" not in df:
+        df["lr_selection"] = None
+    df["lr_selection"] = df["lr_selection"].where(df["lr_selected"], None)
+    df.loc[selected, "lr_selection"] = [
+        f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
+        "reused for the other seeds" for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])]
+    write_atomic(df, out)
+    return df[selected].copy()
+
+
+def _with_groups(df: pd.DataFrame, specs: Sequence[RunSpec]) -> pd.DataFrame:
+    """``df`` with ``group_id`` filled in from ``specs`` by run_id (rows of older versions)."""
+    known = {s.run_id: s.group_id for s in specs}
+    filled = df[KEY].map(known)
+    df[GROUP] = filled.fillna(df[GROUP]) if GROUP in df else filled
+    return df
+
+
+def tuned_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows run at each search group's dev-chosen learning rate (:func:`best_lr`), every
+    seed: what the figures show."""
+    best = best_lr(df)[["group", "lr"]]
+    return df.assign(group=groups).merge(best, on=["group", "lr"], how="inner").drop(columns="group")
