@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 from . import analysis, io, linalg, tasks
-from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
+from .adapters import Adapter, LowRankAdapter, RankWarning, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
@@ -15,6 +15,7 @@ __all__ = [
     "Adapter",
     "AdapterFileError",
     "LowRankAdapter",
+    "RankWarning",
     "adapters",
     "analysis",
     "find_targets",
