@@ -133,9 +133,16 @@ def test_make_refuses_a_non_linear_module(name):
         lr.make(name, nn.Conv2d(3, 4, 3))
 
 
-def test_all_linear_needs_a_head_to_leave_out():
-    with pytest.raises(ValueError, match=r"'all-linear' leaves out the output head.*1 Linear"):
-        lr.inject(nn.Sequential(nn.Linear(3, 3)), "lora", targets="all-linear", rank=1)
+def test_all_linear_that_selects_nothing():
+    with pytest.raises(ValueError, match=r"'all-linear' selects no module: the model has no "
+                                         r"nn.Linear modules \(lowrank adapts nn.Linear only"):
+        lr.inject(nn.Sequential(nn.Conv1d(3, 3, 1)), "lora", targets="all-linear", rank=1)
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"'all-linear' selects no module: its nn.Linear modules "
+                                         r"are inside modules_to_save \(0\), which it leaves "
+                                         r"out; name the targets explicitly"):
+        lr.inject(model, "lora", targets="all-linear", modules_to_save=["0"], rank=1)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
 
 
 def test_inject_twice():
