@@ -8,7 +8,7 @@ from ._version import __version__  # bound first: io.py still reads it from the 
 
 # isort: split
 from . import analysis, io, linalg, tasks
-from .adapters import Adapter, LowRankAdapter, make, register, variant_class, variants
+from .adapters import Adapter, LowRankAdapter, RankWarning, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
@@ -17,6 +17,7 @@ __all__ = [
     "Adapter",
     "AdapterFileError",
     "LowRankAdapter",
+    "RankWarning",
     "adapters",
     "analysis",
     "find_targets",

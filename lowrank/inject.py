@@ -3,8 +3,14 @@
 Target matching follows PEFT's convention: a name matches a whole dot-separated trailing part of
 a module's qualified name (``"q"`` matches ``layer.0.q``, not ``layer.0.query``;
 ``"attention.self.query"`` matches ``encoder.layer.0.attention.self.query``); a pattern
-containing regex characters is also matched against the whole name with ``re.fullmatch``;
-``"all-linear"`` takes every Linear except the output head (the last Linear in module order).
+containing regex characters is also matched against the whole name with ``re.fullmatch``.
+``"all-linear"`` takes the set PEFT's ``_maybe_include_all_linear_layers`` takes, restricted to
+``nn.Linear``: every Linear except the model's output embedding layer (``get_output_embeddings()``
+of a transformers model, e.g. a causal LM's ``lm_head``). As in PEFT, ``modules_to_save`` and
+everything inside them are never targets, whatever the pattern. PEFT's ``task_type="SEQ_CLS"``
+also leaves out the classifier head (and saves it whole): ``modules_to_save=["classifier"]`` (or
+``["score"]``) gives the same set. PEFT's all-linear also takes transformers' ``Conv1D`` (GPT-2);
+lowrank adapts ``nn.Linear`` only.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.base import Adapter, make, variant_class
+from .adapters.base import Adapter, grad_flags_kept_on_error, make, variant_class
 
 _REGEX_CHARS = set(".^$*+?{}[]\\|()")
 
@@ -60,23 +66,40 @@ def _hint(model: nn.Module) -> str:
     return f"Linear modules are: {shown}"
 
 
-def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
-    """Qualified names of the Linear modules that ``targets`` selects (see module docstring)."""
+def _output_layer(model: nn.Module) -> list[str]:
+    """The names of the model's output embedding layer (``get_output_embeddings()``, which every
+    transformers model has, e.g. ``lm_head``), which "all-linear" leaves out; [] when none."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return [] if out is None else [n for n, m in _named_modules(model).items() if m is out]
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str],
+                 modules_to_save: Iterable[str] = ()) -> list[str]:
+    """Qualified names of the Linear modules that ``targets`` selects (see the module docstring),
+    leaving out ``modules_to_save`` and everything inside them."""
     if isinstance(targets, str):
         targets = [targets]
     targets = list(targets)
     if not targets:
         raise ValueError("targets is empty; name at least one module, e.g. targets=['query']")
-    linear = _linear_names(model)
-    if targets == ["all-linear"]:
-        if len(linear) < 2:
-            raise ValueError(
-                "'all-linear' leaves out the output head (the last Linear) and this model has "
-                f"{len(linear)} Linear module(s); name the target explicitly"
-            )
-        return linear[:-1]
+    saved = find_modules(model, modules_to_save)
     modules = _named_modules(model)
-    chosen: list[str] = []
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    free = {n for n in linear if not any(n == s or n.startswith(s + ".") for s in saved)}
+    if targets == ["all-linear"]:
+        if not linear:
+            raise ValueError("'all-linear' selects no module: the model has no nn.Linear modules "
+                             "(lowrank adapts nn.Linear only, not e.g. GPT-2's Conv1D)")
+        left_out = _output_layer(model)
+        chosen = [n for n in linear if n in free and n not in left_out]
+        if not chosen:
+            why = ([f"the model's output layer ({', '.join(left_out)})"] if left_out else []) + (
+                [f"inside modules_to_save ({', '.join(saved)})"] if saved else [])
+            raise ValueError(f"'all-linear' selects no module: its nn.Linear modules are "
+                             f"{' or '.join(why)}, which it leaves out; name the targets explicitly")
+        return chosen
+    chosen = []
     for pattern in targets:
         hits = [n for n in modules if _matches(n, pattern)]
         if not hits:
@@ -88,7 +111,11 @@ def find_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
                 f"target {pattern!r} matches {bad!r}, a {type(modules[bad]).__name__}, not an "
                 f"nn.Linear; lowrank adapts Linear layers only ({_hint(model)})"
             )
-        chosen += [n for n in lin if n not in chosen]
+        if free.isdisjoint(lin):
+            raise ValueError(
+                f"target {pattern!r} matches only modules inside modules_to_save ({', '.join(lin)}), "
+                "which train whole and take no adapter; drop it from targets or from modules_to_save")
+        chosen += [n for n in lin if n in free and n not in chosen]
     return chosen
 
 
@@ -103,10 +130,19 @@ def inject(
     """Replace every targeted ``nn.Linear`` of ``model`` by ``variant``'s adapter, in place.
 
     Everything else is frozen, except modules named in ``modules_to_save`` (same matching rules
-    as ``targets``), which train fully. A Linear shared by several parents is wrapped once and
-    the same adapter is placed everywhere. Each layer's seed is derived from ``seed`` and its
-    name. ``options`` go to the variant's constructor (``rank``, ``alpha``, ``dropout`` …).
-    Returns ``model``.
+    as ``targets``), which train fully and are never targets. A Linear shared by several parents
+    is wrapped once and the same adapter is placed everywhere. Each layer's seed is derived from
+    ``seed`` and its name. ``options`` go to the variant's constructor (``rank``, ``alpha``,
+    ``dropout`` …). Every adapter is built before the model is touched, so a call that fails
+    (a rank one layer cannot take, say) leaves the model as it was. Returns ``model``.
+
+    On a model built on the meta device (``with torch.device("meta"): model = ...``) every
+    adapter tensor is created on meta as well and no weight is read; pissa, milora and frobenius
+    with ``init="closed_form"``, whose initialisation is an SVD of W₀, refuse in one sentence.
+    As for any meta module (and PEFT's adapters on meta), ``model.to_empty(device=...)`` then
+    leaves every tensor uninitialised, the adapters' own included: fill them with
+    ``model.load_state_dict`` of an adapted model's state dict, or load the base weights first
+    and then inject (or :func:`~lowrank.io.load_adapters` a saved adapter).
     """
     variant_class(variant)  # fail early with the list of names
     for name, module in model.named_modules():
@@ -115,15 +151,16 @@ def inject(
                 f"model already has adapters (e.g. {name!r}); call lr.strip(model) or start "
                 "from a fresh model before injecting again"
             )
-    names = find_targets(model, targets)
-    save = list(modules_to_save)
-    save_names = find_modules(model, save) if save else []
-    model.requires_grad_(False)
+    names = find_targets(model, targets, modules_to_save)
+    save_names = find_modules(model, modules_to_save)
+    linears = {name: model.get_submodule(name) for name in names}
     wrapped: dict[int, Adapter] = {}
-    for name in names:
-        linear = model.get_submodule(name)
-        if id(linear) not in wrapped:
-            wrapped[id(linear)] = make(variant, linear, seed=_layer_seed(seed, name), **options)
+    with grad_flags_kept_on_error(model):
+        model.requires_grad_(False)  # before building: full turns its own layer's flags back on
+        for name, linear in linears.items():
+            if id(linear) not in wrapped:
+                wrapped[id(linear)] = make(variant, linear, seed=_layer_seed(seed, name), **options)
+    for name, linear in linears.items():
         _set_module(model, name, wrapped[id(linear)])
     for name in save_names:
         model.get_submodule(name).requires_grad_(True)
@@ -135,7 +172,7 @@ def find_modules(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Names of the modules matched by ``patterns`` (``modules_to_save`` rules); errors on none."""
     modules = list(_named_modules(model))
     out: list[str] = []
-    for p in patterns:
+    for p in [patterns] if isinstance(patterns, str) else patterns:
         hits = [n for n in modules if _matches(n, p)]
         if not hits:
             raise ValueError(f"modules_to_save entry {p!r} matches no module; {_hint(model)}")

@@ -1,7 +1,10 @@
-"""Test-wide settings: one intra-op thread, and every test starts from the same RNG state."""
+"""Test-wide settings: one intra-op thread, and every test starts from the same RNG state and
+with lowrank's once-per-process rank warnings not yet given."""
 
 import pytest
 import torch
+
+from lowrank.adapters import base as adapter_base
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,3 +23,10 @@ def _seed_global_rng():
     """Seed torch's global RNG so that any code path that uses it is reproducible."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _rank_warnings_anew(monkeypatch):
+    """RankWarning is issued once per process and (variant, shape, rank): give each test a fresh
+    record, so whether a test sees the warning does not depend on which tests ran before it."""
+    monkeypatch.setattr(adapter_base, "_RANK_WARNED", set())

@@ -368,15 +368,16 @@ def test_lokr_automatic_split_makes_room_for_the_rank():
     for r in range(1, 13):
         (a, c), (b, d) = lr.make("lokr", lin, rank=r).kron_shapes
         assert a * b == 12 and c * d == 16 and min(b, d) >= r
-    with pytest.raises(ValueError, match="between 1 and 12"):
-        lr.make("lokr", lin, rank=13)
+    with pytest.warns(lr.RankWarning, match="12x16 layer with variant 'lokr' is over-complete"):
+        assert lr.make("lokr", lin, rank=13).kron_shapes == ((1, 1), (12, 16))
 
 
-def test_lokr_rank_error_names_the_blocks():
+def test_lokr_rank_above_its_block_is_over_complete():
     lin = nn.Linear(16, 12)
     assert lr.make("lokr", lin, rank=2, factor=2).kron_shapes == ((2, 2), (6, 8))
-    with pytest.raises(ValueError, match=r"C \(2x2\) ⊗ BA \(6x8\).*between 1 and 6"):
-        lr.make("lokr", lin, rank=7, factor=2)
+    # B A is 6x8 with factor=2: any rank is legal (PEFT takes it), above 6 it adds nothing
+    with pytest.warns(lr.RankWarning, match=r"as expressive at rank 6 as at any larger rank"):
+        assert lr.make("lokr", lin, rank=7, factor=2).kron_shapes == ((2, 2), (6, 8))
     with pytest.raises(ValueError, match="factor"):
         lr.make("lokr", lin, rank=1, factor=0)
 

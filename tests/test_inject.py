@@ -45,14 +45,30 @@ def test_regex_target_uses_fullmatch():
     assert type(net.blocks[0].mlp[2]) is nn.Linear
 
 
-def test_all_linear_takes_every_linear_but_the_output_head():
+def test_all_linear_takes_every_linear_but_modules_to_save():
+    # A plain nn.Module has no output embedding layer: PEFT's all-linear then takes every Linear,
+    # the last one included (the Hugging Face models are in tests/test_all_linear.py).
     net = Net()
     linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     assert linear[-1] == "head"
-    assert lr.find_targets(net, "all-linear") == linear[:-1]
-    lr.inject(net, "lora", targets="all-linear", rank=2)
+    assert lr.find_targets(net, "all-linear") == linear
+    assert lr.find_targets(net, "all-linear", modules_to_save=["head"]) == linear[:-1]
+    assert lr.find_targets(net, "all-linear", modules_to_save=["blocks"]) == ["embed", "head"]
+    lr.inject(net, "lora", targets="all-linear", modules_to_save=["head"], rank=2)
     assert sorted(lr.adapters(net)) == sorted(linear[:-1])
-    assert type(net.head) is nn.Linear
+    assert type(net.head) is nn.Linear and net.head.weight.requires_grad
+
+
+def test_modules_to_save_are_never_targets():
+    # PEFT: "Adapters should never match on modules to save" -- a pattern that also hits a module
+    # inside modules_to_save takes the others; one that hits nothing else is an error.
+    net = Net()
+    assert lr.find_targets(net, ["q", "0"], modules_to_save=["blocks.1"]) == [
+        "blocks.0.q", "blocks.0.mlp.0"]
+    with pytest.raises(ValueError, match=r"target '1.q' matches only modules inside "
+                                         r"modules_to_save \(blocks.1.q\), which train whole"):
+        lr.inject(net, "lora", targets=["1.q"], modules_to_save=["blocks.1"], rank=2)
+    assert not lr.adapters(net)
 
 
 def test_shared_linear_is_wrapped_once_and_used_everywhere():
@@ -76,7 +92,7 @@ def test_shared_linear_is_wrapped_once_and_used_everywhere():
 
 def test_shared_linear_with_all_linear_is_wrapped_everywhere():
     net = Net(share=True)
-    lr.inject(net, "lora", targets="all-linear", rank=2)
+    lr.inject(net, "lora", targets="all-linear", modules_to_save=["head"], rank=2)
     plain = [n for n, m in all_linear_sites(net) if type(m) is nn.Linear]
     assert plain == ["head"], f"Linear sites left unwrapped by 'all-linear': {plain}"
 

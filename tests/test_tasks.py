@@ -362,7 +362,8 @@ def test_text_data_and_targets():
     model = task.pretrained()
     assert task.modules_to_save == ["classifier"]
     assert len(lr.find_targets(model, task.targets)) == 12  # query and value of 6 layers
-    every = lr.find_targets(model, tasks.get("text", targets="all-linear").targets)
+    every = lr.find_targets(model, tasks.get("text", targets="all-linear").targets,
+                            modules_to_save=task.modules_to_save)
     assert "classifier" not in every and len(every) == 36
 
 

@@ -1,7 +1,8 @@
 """Adapter variants. Importing this package registers every variant."""
 
 from . import adalora, dora, frobenius, full, loha, lokr, lora, random_alignment, svd_init, vera  # noqa: F401
-from .base import Adapter, make, register, variant_class, variants
+from .base import Adapter, RankWarning, make, register, variant_class, variants
 from .lora import LowRankAdapter
 
-__all__ = ["Adapter", "LowRankAdapter", "make", "register", "variant_class", "variants"]
+__all__ = ["Adapter", "LowRankAdapter", "RankWarning", "make", "register", "variant_class",
+           "variants"]

@@ -26,6 +26,8 @@ class AdaLoRA(Adapter):
     paper's orthogonality regulariser ``orth_reg_weight``·(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F),
     weight 0.1 (the paper's value; PEFT adds ``orth_reg_weight`` (default 0.5) × the mean over
     all P and Q matrices of the *unsquared* ‖·−I‖_F instead). Trainable: r(out + in + 1).
+    Above min(out, in) the rank is legal (warned) but the penalty has a floor: PᵀP (r × r)
+    has rank ≤ out, so ‖PᵀP − I‖²_F ≥ r − out (likewise for Q and in).
     """
 
     name = "adalora"

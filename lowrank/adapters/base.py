@@ -10,6 +10,11 @@ for every registered variant.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +48,43 @@ def variant_class(name: str) -> type[Adapter]:
 
 def make(name: str, linear: nn.Linear, **options: Any) -> Adapter:
     """Wrap one ``nn.Linear`` in the variant ``name`` (see ``lr.variants()``)."""
-    return variant_class(name)(linear, **options)
+    cls = variant_class(name)
+    with grad_flags_kept_on_error(linear):
+        return cls(linear, **options)
+
+
+@contextmanager
+def grad_flags_kept_on_error(module: nn.Module) -> Iterator[None]:
+    """Restore the ``requires_grad`` flags of ``module``'s parameters if the block raises, so a
+    failed construction leaves the caller's layer (or model) as it was."""
+    flags = [(p, p.requires_grad) for p in module.parameters()] if isinstance(module, nn.Module) else []
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+class RankWarning(UserWarning):
+    """A rank above the variant's :meth:`Adapter.useful_rank` for a layer: legal (PEFT accepts it
+    too), but the extra rank adds parameters and no expressiveness. Issued once per process for
+    each (variant, layer shape, rank, useful rank); silence it with
+    ``warnings.filterwarnings("ignore", category=lr.RankWarning)``."""
+
+
+_RANK_WARNED: set[tuple[str, int, int, int, int]] = set()  # (variant, out, in, rank, useful)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the first
+    frame outside lowrank, the user's ``make``/``inject`` call (Python ≥ 3.12's
+    ``skip_file_prefixes``, by hand)."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -61,13 +102,20 @@ class Adapter(nn.Module):
         The pretrained layer, W₀ ∈ ℝ^{out×in}. Its parameters are frozen (except for ``full``);
         its tensors are never modified in place except by :meth:`merge`.
     rank : int
-        r, 1 ≤ r ≤ min(out, in).
+        r ≥ 1. Above :meth:`useful_rank` (min(out, in) for most variants) it is legal, as in PEFT,
+        and warns once (:class:`RankWarning`); above :meth:`max_rank` (where the variant's maths
+        cannot take it, e.g. SVD-initialised factors) it is an error. Variants with
+        ``takes_rank = False`` (``full``) ignore it and ``alpha``; their ``rank`` is min(out, in),
+        the largest rank their ΔW can reach.
     alpha : float, optional
         Scale numerator; s = alpha / r. Defaults to ``rank`` (s = 1).
     dropout : float
         Dropout probability on the adapter branch's input (training only).
     seed : int
         Seed of the adapter's own random initialisation (independent of the global RNG).
+    rank_options : dict, optional
+        The variant's own options that its rank bounds read (lokr's ``factor``, frobenius's
+        ``init``), passed on by the subclass's constructor.
 
     Merging folds ΔW into ``base.weight`` in place and keeps a copy of W₀, so that
     :meth:`unmerge` restores W₀ bit for bit; the memory cost is one (out × in) tensor per
@@ -75,6 +123,8 @@ class Adapter(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
+    max_rank_reason: ClassVar[str] = ""  # why max_rank() bounds the rank, where it does
 
     def __init__(
         self,
@@ -83,6 +133,8 @@ class Adapter(nn.Module):
         alpha: float | None = None,
         dropout: float = 0.0,
         seed: int = 0,
+        *,
+        rank_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -91,7 +143,10 @@ class Adapter(nn.Module):
                 "pass a Linear layer (use lr.inject to pick them out of a model)"
             )
         out_f, in_f = base.weight.shape
-        rank = self._check_rank(rank, out_f, in_f)
+        if self.takes_rank:
+            rank = self.check_rank(rank, out_f, in_f, **(rank_options or {}))
+        else:
+            rank, alpha = min(out_f, in_f), None
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} is not in [0, 1); pass a probability")
         if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
@@ -107,18 +162,53 @@ class Adapter(nn.Module):
         self.merged = False
 
     # ----------------------------------------------------------------- construction help
-    def max_rank(self, out_f: int, in_f: int) -> int:
-        """Largest admissible rank for an (out_f × in_f) layer."""
+    @classmethod
+    def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int | None:
+        """The largest rank the variant's maths admits on an (out_f × in_f) layer, None for any
+        rank (above it :meth:`check_rank` raises, giving :attr:`max_rank_reason`)."""
+        return None
+
+    @classmethod
+    def useful_rank(cls, out_f: int, in_f: int, **options: Any) -> int | None:
+        """The rank from which a larger one adds parameters but no expressiveness (warned once);
+        None when every extra rank adds some. min(out, in) here: factors of that rank already
+        reach every (out_f × in_f) matrix."""
         return min(out_f, in_f)
 
-    def _check_rank(self, rank: int, out_f: int, in_f: int) -> int:
-        hi = self.max_rank(out_f, in_f)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= hi:
-            raise ValueError(
-                f"rank={rank!r} is invalid for a {out_f}x{in_f} layer with variant "
-                f"{self.name!r}; choose an integer rank between 1 and {hi}"
-            )
+    @classmethod
+    def check_rank(cls, rank: int, out_f: int, in_f: int, **options: Any) -> int:
+        """``rank`` if the variant admits it on an (out_f × in_f) layer with these ``options``
+        (constructor options); one-sentence ``ValueError`` otherwise, :class:`RankWarning` (once
+        per variant, shape and rank) above :meth:`useful_rank`."""
+        hi = cls.max_rank(out_f, in_f, **options)
+        where = f"for a {out_f}x{in_f} layer with variant {cls.name!r}"
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            span = "of at least 1" if hi is None else f"between 1 and {hi}"
+            raise ValueError(f"rank={rank!r} is invalid {where}; choose an integer rank {span}")
+        if hi is not None and rank > hi:
+            raise ValueError(f"rank={rank} is invalid {where}, as {cls.max_rank_reason}; choose "
+                             f"an integer rank between 1 and {hi}")
+        useful = cls.useful_rank(out_f, in_f, **options)
+        key = (cls.name, out_f, in_f, rank, useful)
+        if useful is not None and rank > useful and key not in _RANK_WARNED:
+            _RANK_WARNED.add(key)
+            warnings.warn(
+                f"rank={rank} {where} is over-complete: the update is as expressive at rank {useful} "
+                f"as at any larger rank, so the extra rank adds parameters only; pass rank <= "
+                f"{useful}, or filter lr.RankWarning to keep it (warned once)",
+                RankWarning, stacklevel=_caller_stacklevel())
         return rank
+
+    def _weight_values(self, init: str) -> Tensor:
+        """W₀ in float64 for an initialisation (``init``) that reads it: one sentence when the
+        weight has no values (the meta device)."""
+        w = self.base.weight
+        if w.is_meta:
+            raise RuntimeError(
+                f"{init} reads the layer's weight, which is on the meta device and holds no "
+                "values; load the real weights first (model.to_empty(device=...) and "
+                "load_state_dict), then inject")
+        return w.detach().to(torch.float64)
 
     @property
     def scale(self) -> float:
@@ -133,11 +223,11 @@ class Adapter(nn.Module):
     def _generator(self) -> torch.Generator:
         return _generator(self.seed, self.base.weight.device)
 
-    def _kaiming(self, *shape: int, gen: torch.Generator) -> nn.Parameter:
+    def _kaiming(self, *shape: int, gen: torch.Generator) -> Tensor:
         """kaiming-uniform(a=√5), the nn.Linear default, drawn on CPU then moved."""
         t = torch.empty(*shape, dtype=torch.float64)
         nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
-        return nn.Parameter(t.to(self.base.weight))
+        return t.to(self.base.weight)
 
     def config(self) -> dict[str, Any]:
         """Constructor options that rebuild this adapter (saved next to its tensors)."""

@@ -7,7 +7,8 @@ nuclear-norm regulariser 2λ‖ΔW‖_* at the balanced optimum.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
 from ..linalg import frobenius_lowrank, truncated_svd
@@ -24,18 +25,24 @@ class FrobeniusUV(LowRankAdapter):
     """
 
     name = "frobenius"
+    max_rank_reason = ("init='closed_form' starts the factors at r of the closed form's "
+                       "min(out, in) singular triplets")
+
+    @classmethod
+    def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int | None:
+        return min(out_f, in_f) if options.get("init") == "closed_form" else None
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, lam: float = 1e-4,
                  init: str = "lora") -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise ValueError(f"lam={lam!r} must be a non-negative number")
         if init not in ("lora", "closed_form"):
             raise ValueError(f"init={init!r} is unknown; use 'lora' or 'closed_form'")
+        super().__init__(base, rank, alpha, dropout, seed, rank_options={"init": init})
         self.lam, self.init = float(lam), init
         if init == "closed_form":
-            W = base.weight.detach().to(torch.float64)
+            W = self._weight_values("frobenius's init='closed_form' (an SVD of W₀)")
             U, S, Vh = truncated_svd(frobenius_lowrank(W, self.rank, self.lam), self.rank)
             self.start_from_svd(U, S, Vh)
 

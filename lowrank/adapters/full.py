@@ -13,15 +13,16 @@ class Full(Adapter):
     """Full fine-tuning: ΔW = W − W₀; the layer's weight and bias train; W₀ is kept as a buffer.
 
     ``rank`` and ``alpha`` are accepted for a uniform interface and ignored (the rank of ΔW
-    is whatever training makes it). Memory: one extra (out × in) copy of W₀.
+    is whatever training makes it); ``self.rank`` is min(out, in), the largest it can be.
+    Memory: one extra (out × in) copy of W₀.
     """
 
     name = "full"
+    takes_rank = False
 
     def __init__(self, base: nn.Linear, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0) -> None:
-        full_rank = min(base.weight.shape) if isinstance(base, nn.Linear) else 1
-        super().__init__(base, full_rank, None, dropout, seed)
+        super().__init__(base, dropout=dropout, seed=seed)
         self.base.requires_grad_(True)
         self.register_buffer("W0", base.weight.detach().clone())
 

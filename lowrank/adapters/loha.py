@@ -33,9 +33,9 @@ class LoHa(Adapter):
         super().__init__(base, rank, alpha, dropout, seed)
         gen = self._generator()
         out_f, in_f = self.out_features, self.in_features
-        self.B1 = self._kaiming(out_f, rank, gen=gen)
-        self.A1 = self._kaiming(rank, in_f, gen=gen)
-        self.B2 = self._kaiming(out_f, rank, gen=gen)
+        self.B1 = nn.Parameter(self._kaiming(out_f, rank, gen=gen))
+        self.A1 = nn.Parameter(self._kaiming(rank, in_f, gen=gen))
+        self.B2 = nn.Parameter(self._kaiming(out_f, rank, gen=gen))
         self.A2 = nn.Parameter(torch.zeros_like(self._new(rank, in_f)))
 
     def delta_weight(self) -> Tensor:

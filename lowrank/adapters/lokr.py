@@ -7,6 +7,7 @@ C ∈ ℝ^{a×c} full, B ∈ ℝ^{b×r}, A ∈ ℝ^{r×d}.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def lokr_shapes(out_f: int, in_f: int, factor: int = -1, rank: int = 1
         (a, b), (c, d) = _split(out_f, f), _split(in_f, f)
         if min(b, d) >= rank:
             return (a, c), (b, d)
-    return (1, 1), (out_f, in_f)  # rank > min(out, in): the rank check rejects it
+    return (1, 1), (out_f, in_f)  # rank > min(out, in): an over-complete B A (warned)
 
 
 @register
@@ -79,30 +80,23 @@ class LoKr(Adapter):
                  dropout: float = 0.0, seed: int = 0, factor: int = -1) -> None:
         if type(factor) is not int or not (factor == -1 or factor > 0):
             raise ValueError(f"factor={factor!r} must be a positive integer or -1 (automatic)")
-        self.factor = factor  # read by the base class's rank check
-        super().__init__(base, rank, alpha, dropout, seed)
+        super().__init__(base, rank, alpha, dropout, seed, rank_options={"factor": factor})
+        self.factor = factor
         (a, c), (b, d) = lokr_shapes(self.out_features, self.in_features, factor, self.rank)
         self.kron_shapes = ((a, c), (b, d))
         gen = self._generator()
-        self.C = self._kaiming(a, c, gen=gen)
-        self.A = self._kaiming(self.rank, d, gen=gen)
+        self.C = nn.Parameter(self._kaiming(a, c, gen=gen))
+        self.A = nn.Parameter(self._kaiming(self.rank, d, gen=gen))
         self.B = nn.Parameter(torch.zeros_like(self._new(b, self.rank)))
 
-    def max_rank(self, out_f: int, in_f: int) -> int:
-        if self.factor == -1:
+    @classmethod
+    def useful_rank(cls, out_f: int, in_f: int, **options: Any) -> int:
+        """min(b, d) of the B A block: with ``factor`` = -1 the split makes room for any rank up to
+        min(out, in) (:func:`lokr_shapes`), with a given ``factor`` the block is fixed."""
+        factor = options.get("factor", -1)
+        if factor == -1:
             return min(out_f, in_f)
-        return min(lokr_shapes(out_f, in_f, self.factor)[1])
-
-    def _check_rank(self, rank: int, out_f: int, in_f: int) -> int:
-        if type(rank) is int and 1 <= rank <= self.max_rank(out_f, in_f):
-            return rank
-        if self.factor == -1:
-            return super()._check_rank(rank, out_f, in_f)
-        (a, c), (b, d) = lokr_shapes(out_f, in_f, self.factor)
-        raise ValueError(
-            f"rank={rank!r} does not fit lokr on a {out_f}x{in_f} layer: with factor="
-            f"{self.factor} it factors as C ({a}x{c}) ⊗ BA ({b}x{d}), so the rank must be "
-            f"between 1 and {min(b, d)}; pass a smaller rank, or factor=-1 to fit it automatically")
+        return min(lokr_shapes(out_f, in_f, factor)[1])
 
     def delta_weight(self) -> Tensor:
         return torch.kron(self.C, self.B @ self.A) * self.scale

@@ -10,6 +10,7 @@ factors train, or the penalty.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,31 @@ from .base import Adapter, register
 class LowRankAdapter(Adapter):
     """ΔW = s·(B A − B₀A₀): the B A family.
 
-    B₀A₀ is zero unless the variant starts from given factors (:meth:`start_from`), in which
-    case the frozen base becomes the residual W_res = W₀ − s·B₀A₀ so the output is unchanged
-    at initialisation and ΔW is still measured from W₀.
+    A starts at :meth:`initial_A` (kaiming-uniform) and trains unless the class sets
+    ``trains_A = False`` (then it is a frozen buffer); B starts at 0. B₀A₀ is zero unless the
+    variant starts from given factors (:meth:`start_from`), in which case the frozen base
+    becomes the residual W_res = W₀ − s·B₀A₀ so the output is unchanged at initialisation and
+    ΔW is still measured from W₀.
     """
 
+    trains_A: ClassVar[bool] = True
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
-        gen = self._generator()
-        self.A = self._kaiming(self.rank, self.in_features, gen=gen)
+                 dropout: float = 0.0, seed: int = 0, *,
+                 rank_options: dict[str, Any] | None = None) -> None:
+        super().__init__(base, rank, alpha, dropout, seed, rank_options=rank_options)
+        A = self.initial_A(self._generator())
+        if self.trains_A:
+            self.A = nn.Parameter(A)
+        else:
+            self.register_buffer("A", A)
         self.B = nn.Parameter(torch.zeros_like(self._new(self.out_features, self.rank)))
         self.register_buffer("A0", None)  # set by start_from()
         self.register_buffer("B0", None)
+
+    def initial_A(self, gen: torch.Generator) -> Tensor:
+        """A at initialisation (r × in), drawn from ``gen``: kaiming-uniform(a=√5)."""
+        return self._kaiming(self.rank, self.in_features, gen=gen)
 
     def product(self) -> Tensor:
         """s·B A (the current factors' product)."""

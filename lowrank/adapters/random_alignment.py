@@ -7,8 +7,10 @@ with an orthonormal rather than a kaiming A.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor
 
 from .base import register
 from .lora import LowRankAdapter
@@ -16,15 +18,25 @@ from .lora import LowRankAdapter
 
 @register
 class RandomAlignment(LowRankAdapter):
-    """ΔW = s·B A, A = Qᵀ (frozen, orthonormal rows) from QR of a seeded Gaussian; B = 0 trains."""
+    """ΔW = s·B A, A = Qᵀ (frozen, orthonormal rows) from QR of a seeded Gaussian; B = 0 trains.
+
+    The rank is at most ``in`` (A's rows are orthonormal in ℝ^in); every rank up to it widens
+    the row space that B A can reach, one above ``out`` included, so none is warned about.
+    """
 
     name = "random_alignment"
+    trains_A = False
+    max_rank_reason = "A's r rows are orthonormal vectors of ℝ^in, of which there are at most in"
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
-        gauss = torch.randn(self.in_features, self.rank, generator=self._generator(),
-                            dtype=torch.float64)
+    @classmethod
+    def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int:
+        return in_f
+
+    @classmethod
+    def useful_rank(cls, out_f: int, in_f: int, **options: Any) -> None:
+        return None
+
+    def initial_A(self, gen: torch.Generator) -> Tensor:
+        gauss = torch.randn(self.in_features, self.rank, generator=gen, dtype=torch.float64)
         Q, _ = torch.linalg.qr(gauss)
-        del self.A
-        self.register_buffer("A", Q.mT.contiguous().to(base.weight))
+        return Q.mT.contiguous().to(self.base.weight)

@@ -7,7 +7,8 @@ s·B₀A₀ = U_r S_r V_rᵀ and the frozen base is W_res = W₀ − s·B₀A₀
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import nn
 
 from ..linalg import truncated_svd
@@ -25,18 +26,23 @@ class PiSSA(LowRankAdapter):
 
     name = "pissa"
     smallest = False
+    max_rank_reason = "its factors start at r of W₀'s min(out, in) singular triplets"
+
+    @classmethod
+    def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int:
+        return min(out_f, in_f)
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, svd: str = "exact", niter: int = 4) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
         if svd not in ("exact", "randomized"):
             raise ValueError(f"svd={svd!r} is unknown; use 'exact' or 'randomized'")
         if svd == "randomized" and self.smallest:
             raise ValueError("svd='randomized' finds the largest triplets only; use svd='exact'")
+        super().__init__(base, rank, alpha, dropout, seed)
         self.svd, self.niter = svd, int(niter)
-        W = base.weight.detach().to(torch.float64)
-        if self.smallest:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        W = self._weight_values(f"{self.name}'s initialisation (an SVD of W₀)")
+        if self.smallest:  # every triplet, largest first, then the last r
+            U, S, Vh = truncated_svd(W, min(W.shape))
             U, S, Vh = U[:, -self.rank:], S[-self.rank:], Vh[-self.rank:]
         else:
             U, S, Vh = truncated_svd(W, self.rank, method=svd, niter=niter, seed=seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,17 @@ class VeRA(Adapter):
     PEFT's matrices exactly (``lr.inject`` forwards it to every layer). The default, the layer's
     own shape, shares one pair among all layers of equal shape. ``alpha`` is accepted for a
     uniform interface and ignored (VeRA has no scale). Trainable: r + out per layer. A and B are
-    never saved: :meth:`adapter_state` holds d and b, and loading rebuilds A, B from the seed.
+    never saved: :meth:`adapter_state` holds d and b, and loading (``load_state_dict`` included)
+    takes A, B from the seed again.
     """
 
     name = "vera"
+
+    @classmethod
+    def useful_rank(cls, out_f: int, in_f: int, **options: Any) -> None:
+        """None: each extra rank adds a fixed random direction B[:, i] A[i] to combine, so a rank
+        above min(out, in) still enlarges the reachable ΔW (PEFT's default r is 256)."""
+        return None
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, d_initial: float = 0.1,
@@ -72,12 +80,20 @@ class VeRA(Adapter):
             )
         self.d_initial, self.projection_seed = float(d_initial), int(projection_seed)
         self.projection_shape = shape
-        w = base.weight
-        A, B = projections(self.projection_seed, rank, *shape, dtype=w.dtype, device=w.device)
-        self.register_buffer("A", A[:, : self.in_features], persistent=False)
-        self.register_buffer("B", B[: self.out_features, :], persistent=False)
+        self._take_projections()
+        # A and B are not in the state dict: a load (after model.to_empty, say) takes them again.
+        self.register_load_state_dict_post_hook(_take_projections_after_load)
         self.d = nn.Parameter(torch.full_like(self._new(rank), self.d_initial))
         self.b = nn.Parameter(torch.zeros_like(self._new(self.out_features)))
+
+    def _take_projections(self) -> None:
+        """Set A, B to this layer's slices of the shared frozen pair, on the base weight's device
+        and dtype."""
+        w = self.base.weight
+        A, B = projections(self.projection_seed, self.rank, *self.projection_shape,
+                           dtype=w.dtype, device=w.device)
+        self.register_buffer("A", A[:, : self.in_features], persistent=False)
+        self.register_buffer("B", B[: self.out_features, :], persistent=False)
 
     def delta_weight(self) -> Tensor:
         return (self.b[:, None] * self.B) @ (self.d[:, None] * self.A)
@@ -89,3 +105,7 @@ class VeRA(Adapter):
         return {**super().config(), "d_initial": self.d_initial,
                 "projection_seed": self.projection_seed,
                 "projection_shape": list(self.projection_shape)}
+
+
+def _take_projections_after_load(module: VeRA, incompatible_keys: Any) -> None:
+    module._take_projections()

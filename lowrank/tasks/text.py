@@ -100,7 +100,7 @@ class SentenceClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.classifier = nn.Linear(encoder.config.hidden_size, n_classes)  # last: not all-linear
+        self.classifier = nn.Linear(encoder.config.hidden_size, n_classes)  # a modules_to_save
 
     def word_embeddings(self, input_ids: Tensor) -> Tensor:
         return self.encoder.embeddings.word_embeddings(input_ids)
