@@ -1,11 +1,14 @@
 """save_adapters / load_adapters: exact round trips for every variant, the file format, overwrite."""
 
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
 from adapter_cases import Net, TinyNet, cases, fresh_copy, perturb
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lowrank as lr
 
@@ -162,3 +165,84 @@ def test_save_load_with_a_shared_linear(tmp_path):
     assert fresh.blocks[0].shared is fresh.blocks[1].shared
     with torch.no_grad():
         assert torch.equal(fresh(x), y)
+
+
+# ----------------------------------------------------------------------------- damaged configs
+def _pop(*keys):
+    """Remove config[keys[0]]...[keys[-1]]."""
+    def damage(cfg):
+        for k in keys[:-1]:
+            cfg = cfg[k]
+        cfg.pop(keys[-1])
+    return damage
+
+
+def _set(value, *keys):
+    def damage(cfg):
+        for k in keys[:-1]:
+            cfg = cfg[k]
+        cfg[keys[-1]] = value
+    return damage
+
+
+DAMAGED = {
+    "no-layers": (_pop("layers"), r"has no 'layers'"),
+    "layers-not-a-mapping": (_set([1], "layers"), r"'layers' is \[1\], not a mapping of layer names"),
+    "layer-not-a-mapping": (_set(3, "layers", "v"), r"layer 'v' is 3, not a mapping"),
+    **{f"no-{key}": (_pop("layers", "v", key), rf"layer 'v' has no '{key}'")
+       for key in ("variant", "options", "in_features", "out_features", "tensors")},
+    "in_features-not-an-integer": (_set("10", "layers", "v", "in_features"),
+                                   r"layer 'v' has in_features='10', not an integer"),
+    "options-not-a-mapping": (_set(None, "layers", "v", "options"),
+                              r"layer 'v' has options=None, not a mapping of options"),
+    "shape-not-sizes": (_set([2, "x"], "layers", "v", "tensors", "A"),
+                        r"tensor v::A has shape \[2, 'x'\], not a list of sizes"),
+    "modules_to_save-not-a-list": (_set("out", "modules_to_save"),
+                                   r"modules_to_save is 'out', not a list of module names"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_a_damaged_config_names_the_key_and_the_fix(kind, tmp_path):
+    """One AdapterFileError sentence naming the file, the key and the fix (not a bare KeyError),
+    from load_adapters and from `lowrank inspect`, which reads the same files."""
+    from lowrank.cli import inspect_adapter
+
+    damage, message = DAMAGED[kind]
+    _, model = trained("lora", {})
+    path = lr.save_adapters(model, tmp_path / "ad")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    damage(cfg)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    full = rf"adapter_config.json: {message}; re-save the adapter with lr.save_adapters$"
+    with pytest.raises(lr.AdapterFileError, match=full):
+        lr.load_adapters(TinyNet(), path)
+    with pytest.raises(lr.AdapterFileError, match=full):
+        inspect_adapter(path)
+
+
+def test_a_file_with_tensors_its_config_does_not_list_is_refused(tmp_path):
+    """Extra tensors used to load silently (and be ignored)."""
+    _, model = trained("lora", {})
+    path = lr.save_adapters(model, tmp_path / "ad")
+    tensors = load_file(path / "adapter.safetensors")
+    save_file({**tensors, "v::extra": torch.zeros(3)}, path / "adapter.safetensors")
+    with pytest.raises(lr.AdapterFileError,
+                       match=r"holds tensor 'v::extra', which adapter_config.json does not list"):
+        lr.load_adapters(TinyNet(), path)
+
+
+# ----------------------------------------------------------------------------- meta device
+def test_saving_a_meta_model_says_it_has_no_data_and_writes_nothing(tmp_path):
+    with torch.device("meta"):
+        model = nn.Sequential(OrderedDict(q=nn.Linear(8, 10), v=nn.Linear(10, 10)))
+    lr.inject(model, "lora", targets=["q", "v"], rank=2)
+    assert model.q.A.is_meta
+    fix = r"has no data yet; materialise the model first \(e.g. model.to_empty\(device='cpu'\)"
+    with pytest.raises(ValueError, match=rf"tensor q::A is on the meta device and {fix}"):
+        lr.save_adapters(model, tmp_path / "ad")
+    with pytest.raises(ValueError, match=r"base_model.model.q.lora_A.weight is on the meta device"):
+        lr.io.to_peft(model, tmp_path / "peft")
+    assert list(tmp_path.iterdir()) == [], "a refused save left files behind"
+    model.to_empty(device="cpu")  # the fix: real storage (then load the weights into it)
+    assert lr.save_adapters(model, tmp_path / "ad").is_dir()

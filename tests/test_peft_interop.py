@@ -107,6 +107,170 @@ def test_peft_rank_pattern_gives_each_layer_its_own_rank(tmp_path):
         assert diff(ours.eval()(X), theirs.eval()(X)) < TOL
 
 
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_peft_alpha_pattern_gives_each_layer_peft_s_scale(tmp_path, variant):
+    base = Net()
+    theirs = get_peft_model(copy.deepcopy(base), peft_config(
+        variant, rank_pattern={"v": 2}, alpha_pattern={"v": 3}))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = lr.io.from_peft(copy.deepcopy(base), tmp_path)
+    for name, ad in lr.adapters(ours).items():
+        layer = theirs.base_model.model.get_submodule(name)
+        assert (ad.rank, ad.alpha) == (layer.r["default"], layer.lora_alpha["default"])
+        assert ad.scale == layer.scaling["default"]  # the same formula on the same numbers
+    assert lr.adapters(ours)["v"].alpha == 3 and lr.adapters(ours)["q"].alpha == ALPHA
+    with torch.no_grad():
+        assert diff(ours.eval()(X), theirs.eval()(X)) < TOL
+
+
+class Suffixed(nn.Module):
+    """Layers whose names end alike ("q" and "block.q"): a rank_pattern key "q" would give
+    PEFT's "block.q" q's rank too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.q = nn.Linear(8, 12)
+        self.block = nn.Module()
+        self.block.q = nn.Linear(12, 12)
+        self.block.v = nn.Linear(12, 10)
+        self.head = nn.Linear(10, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        h = torch.tanh(self.block.q(torch.tanh(self.q(x))))
+        return self.head(torch.tanh(self.block.v(h)))
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_to_peft_with_mixed_ranks_and_alphas_writes_patterns_peft_applies(tmp_path, variant):
+    base = Suffixed()
+    ours = copy.deepcopy(base).requires_grad_(False)  # only the adapters train
+    for name, rank, alpha in [("q", 3, 8.0), ("block.q", 2, 4.0), ("block.v", 2, 2.0)]:
+        parent, _, child = name.rpartition(".")
+        holder = ours.get_submodule(parent) if parent else ours
+        setattr(holder, child, lr.make(variant, getattr(holder, child), rank=rank, alpha=alpha))
+    perturb(ours)
+    lr.io.to_peft(ours, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # the most common rank is the default; the others are keyed for exactly their module
+    assert (cfg["r"], cfg["rank_pattern"]) == (2, {"^q": 3})
+    assert (cfg["lora_alpha"], cfg["alpha_pattern"]) == (8.0, {r"^block\.q": 4.0, r"^block\.v": 2.0})
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    for name, ad in lr.adapters(ours).items():
+        layer = theirs.base_model.model.get_submodule(name)
+        assert (layer.r["default"], layer.scaling["default"]) == (ad.rank, ad.scale), name
+    with torch.no_grad():
+        y_ours, y_theirs = ours.eval()(X), theirs.eval()(X)
+    d = diff(y_ours, y_theirs)
+    print(f"\nlowrank {variant} mixed ranks/alphas -> PEFT: max abs output diff {d:.2e}")
+    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    again = lr.io.from_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert {n: (a.rank, a.scale) for n, a in lr.adapters(again).items()} == {
+        n: (a.rank, a.scale) for n, a in lr.adapters(ours).items()}
+    assert diff(again.eval()(X), y_ours) < TOL
+
+
+# Variants exported as plain PEFT LoRA, and whether they train on a residual (rank-2r form).
+AS_LORA = [("pissa", {}, True), ("milora", {}, True), ("pissa", {"svd": "randomized"}, True),
+           ("frobenius", {"init": "closed_form", "lam": 0.05}, True), ("frobenius", {}, False),
+           ("random_alignment", {}, False)]
+
+
+@pytest.mark.parametrize(("variant", "options", "residual"), AS_LORA,
+                         ids=[v + "-" + "-".join(map(str, o.values())) for v, o, _ in AS_LORA])
+def test_b_a_family_exports_as_peft_lora_on_the_unmodified_base(tmp_path, variant, options, residual):
+    base = Net()
+    ours = lr.inject(copy.deepcopy(base), variant, targets=["q", "v"], rank=R, alpha=ALPHA,
+                     modules_to_save=["head"], **options)
+    perturb(ours)
+    lr.io.to_peft(ours, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # ΔW = s·(BA − B₀A₀) = (2α/2r)·[B, −B₀][A; A₀]: rank 2r, alpha 2α, the same scale
+    k = 2 if residual else 1
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"]) == (k * R, k * ALPHA, {})
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")  # W₀ as it was
+    with torch.no_grad():
+        y_ours, y_theirs = ours.eval()(X), theirs.eval()(X)
+    d = diff(y_ours, y_theirs)
+    print(f"\nlowrank {variant} {options} -> PEFT LoRA r={k * R}: max abs output diff {d:.2e}")
+    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    for name, ad in lr.adapters(ours).items():
+        layer = theirs.base_model.model.get_submodule(name)
+        assert diff(layer.get_delta_weight("default"), ad.delta_weight()) < TOL
+    # back through from_peft: a plain lora adapter (the variant name does not survive)
+    again = lr.io.from_peft(copy.deepcopy(base), tmp_path / "peft")
+    assert {ad.name for ad in lr.adapters(again).values()} == {"lora"}
+    assert diff(again.eval()(X), y_ours) < TOL
+    for name, ad in lr.adapters(again).items():
+        assert diff(ad.delta_weight(), lr.adapters(ours)[name].delta_weight()) < TOL
+
+
+# ----------------------------------------------------------------------------- SEQ_CLS on BERT
+BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            num_labels=4, vocab_size=100)
+IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(4))
+MASK = torch.ones_like(IDS).index_fill_(1, torch.tensor([7, 8]), 0)
+
+
+def bert():
+    """A tiny randomly initialised BertForSequenceClassification (seeded, eval mode)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(**BERT)).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS, attention_mask=MASK).logits
+
+
+def test_peft_seq_cls_adapter_loads_with_its_trained_head(tmp_path):
+    """PEFT's SEQ_CLS adds modules_to_save ["classifier", "score"]; BERT has no "score", which
+    PEFT skips and so does from_peft, while the trained classifier comes along. Logits agree to
+    1e-5: the LoRA branch is summed in another order than PEFT's (a few float32 roundings,
+    ~1e-7 relative, through two layers of O(1) activations)."""
+    base = bert()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
+        task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=["query", "value"]))
+    assert theirs.peft_config["default"].modules_to_save == ["classifier", "score"]
+    perturb(theirs)  # lora_A, lora_B and PEFT's trainable copy of the classifier
+    theirs.save_pretrained(tmp_path)
+    ours = lr.io.from_peft(copy.deepcopy(base), tmp_path)
+    assert ours.lowrank_modules_to_save == ["classifier"]
+    assert len(lr.adapters(ours)) == 4
+    trained = theirs.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(ours.classifier.weight, trained.weight) and ours.classifier.weight.requires_grad
+    d = diff(logits(ours), logits(theirs))
+    print(f"\nPEFT {peft.__version__} SEQ_CLS BERT -> lowrank: max abs logit diff {d:.2e}")
+    assert diff(logits(ours), logits(base)) > 0.1 and d < TOL
+
+
+def test_lowrank_adapter_with_a_trained_classifier_loads_into_peft(tmp_path):
+    base = bert()
+    ours = lr.inject(copy.deepcopy(base), "lora", targets=["query", "value"], rank=R,
+                     alpha=ALPHA, modules_to_save=["classifier"])
+    perturb(ours)
+    lr.io.to_peft(ours, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    assert torch.equal(theirs.base_model.model.classifier.modules_to_save["default"].weight,
+                       ours.classifier.weight)
+    d = diff(logits(ours), logits(theirs))
+    print(f"\nlowrank BERT + classifier -> PEFT {peft.__version__}: max abs logit diff {d:.2e}")
+    assert diff(logits(ours), logits(base)) > 0.1 and d < TOL
+
+
+def test_inject_keeps_a_strict_modules_to_save():
+    """Only PEFT files get PEFT's skipping: a name the user typed must match a module."""
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'score' matches no module"):
+        lr.inject(bert(), "lora", targets=["query"], modules_to_save=["classifier", "score"])
+
+
 def test_to_peft_refuses_overwrite_and_what_peft_cannot_hold(tmp_path):
     model = lr.inject(Net(), "lora", targets=["q"], rank=2)
     lr.io.to_peft(model, tmp_path / "a")
@@ -115,15 +279,51 @@ def test_to_peft_refuses_overwrite_and_what_peft_cannot_hold(tmp_path):
     lr.io.to_peft(model, tmp_path / "a", overwrite=True)
     with pytest.raises(ValueError, match="not 'loha'"):
         lr.io.to_peft(lr.inject(Net(), "loha", targets=["q"], rank=2), tmp_path / "b")
-    two_ranks = Net()
-    two_ranks.q = lr.make("lora", two_ranks.q, rank=2)
-    two_ranks.v = lr.make("lora", two_ranks.v, rank=3)
-    with pytest.raises(ValueError, match="one rank"):
-        lr.io.to_peft(two_ranks, tmp_path / "c")
+    two_types = Net()
+    two_types.q = lr.make("lora", two_types.q, rank=2)
+    two_types.v = lr.make("dora", two_types.v, rank=2)
+    with pytest.raises(ValueError, match=r"one PEFT adapter type .* got \{'q': 'lora', 'v': 'dora'\}"):
+        lr.io.to_peft(two_types, tmp_path / "c")
+    two_dropouts = Net()
+    two_dropouts.q = lr.make("lora", two_dropouts.q, rank=2, dropout=0.1)
+    two_dropouts.v = lr.make("pissa", two_dropouts.v, rank=2)
+    with pytest.raises(ValueError, match="one dropout"):
+        lr.io.to_peft(two_dropouts, tmp_path / "d")
     vera = lr.inject(Net(), "vera", targets=["q", "v"], rank=2)  # per-shape projections
     with pytest.raises(ValueError, match="projection_shape"):
-        lr.io.to_peft(vera, tmp_path / "d")
-    assert not any((tmp_path / n).exists() for n in "bcd")
+        lr.io.to_peft(vera, tmp_path / "e")
+    assert not any((tmp_path / n).exists() for n in "bcde")
+
+
+def test_to_peft_refuses_a_modules_to_save_name_peft_would_also_match_elsewhere(tmp_path):
+    """PEFT matches modules_to_save entries as plain suffixes (str.endswith): a head called
+    "out" would also take PEFT's own "q.lora_dropout" (a ModuleDict, which PEFT then refuses
+    with a TypeError at load), and "head" any other module whose name ends in it."""
+    from adapter_cases import TinyNet
+
+    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], rank=2, modules_to_save=["out"])
+    with pytest.raises(ValueError, match=r"entry 'out' would also take 'q.lora_dropout' in PEFT"):
+        lr.io.to_peft(model, tmp_path / "a")
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # PEFT itself
+        get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["q", "v"], modules_to_save=["out"]))
+    other = Net()
+    other.extra = nn.Module()
+    other.extra.head = nn.Linear(3, 3)  # "extra.head" ends with "head" too
+    model = lr.inject(other, "lora", targets=["q"], rank=2, modules_to_save=["^head$"])
+    assert model.lowrank_modules_to_save == ["head"]
+    with pytest.raises(ValueError, match=r"entry 'head' would also take 'extra.head' in PEFT"):
+        lr.io.to_peft(model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2, target_modules=["q"], use_dora=True),
+                                    VeraConfig(r=2, target_modules=["q", "v"])],
+                         ids=["lora", "vera"])
+def test_peft_inner_module_names_are_peft_s(config):
+    """io's list of the submodules PEFT creates inside an adapted layer is PEFT's."""
+    theirs = get_peft_model(Net(), config)
+    inner = {n.split(".q.", 1)[1] for n, _ in theirs.named_modules() if ".q." in n}
+    assert inner == set(lr.io._PEFT_INNER[config.peft_type.lower()])
 
 
 @pytest.mark.parametrize(
@@ -132,7 +332,7 @@ def test_to_peft_refuses_overwrite_and_what_peft_cannot_hold(tmp_path):
      ({"fan_in_fan_out": True}, "fan_in_fan_out"),
      ({"init_lora_weights": "pissa"}, "modified base model"),
      ({"use_dora": True, "use_rslora": True}, "use_rslora"),
-     ({"alpha_pattern": {"q": 4}}, "alpha_pattern"),
+     ({"layers_to_transform": [0]}, "layers_to_transform"),
      ({"peft_type": "LOHA"}, "not supported")],
 )
 def test_from_peft_refuses_what_lowrank_cannot_represent(tmp_path, change, message):
