@@ -4,10 +4,8 @@
 >>> ad = lr.make("lora", torch.nn.Linear(64, 32), rank=4)   # doctest: +SKIP
 """
 
-from ._version import __version__  # bound first: io.py still reads it from the package
-
-# isort: split
 from . import analysis, io, linalg, tasks
+from ._version import __version__
 from .adapters import Adapter, LowRankAdapter, RankWarning, make, register, variant_class, variants
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft

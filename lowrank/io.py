@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .adapters.base import Adapter, make, variants
 from .inject import _named_modules, _set_module, adapters
 
