@@ -75,6 +75,7 @@ class Adapter(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
 
     def __init__(
         self,

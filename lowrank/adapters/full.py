@@ -17,6 +17,7 @@ class Full(Adapter):
     """
 
     name = "full"
+    takes_rank = False
 
     def __init__(self, base: nn.Linear, rank: int | None = None, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0) -> None:
