@@ -66,9 +66,8 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     tasks = list(dict.fromkeys(df["task"]))
     if not tasks:
         raise ValueError("no finished runs to plot; run the sweep first")
-    free = study.rank_free(df["variant"])
-    styles = plots.style_for([v for v in df["variant"].unique() if v not in free])
-    styles |= {v: {"color": "0.4", "marker": "_"} for v in free}  # drawn as bands
+    free = study.rank_free(df["variant"])  # drawn as bands
+    styles = plots.style_for(df["variant"].unique())
     with plots.panels(len(tasks), 3, 2.2 * len(tasks)) as (fig, axes):
         for row, task in zip(axes, tasks):
             sub = df[df["task"] == task]

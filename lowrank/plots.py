@@ -1,16 +1,17 @@
 """The paper style every figure shares: palette and markers, panels, axis labels, one legend under
 the figure, a baseline as a reference line or band, the Pareto front, and saving.
 
-Vector PDF (TrueType fonts embedded) and PNG, Okabe–Ito colour-blind-safe palette with a
-distinct marker per variant, sized for a two-column paper (7.0 in wide). Each figure is drawn
-by its study from the study's CSV alone (studies/<study>.py; the rank ablation's by
-:func:`lowrank.ablation.figure`), so every figure can be redrawn without training.
+Vector PDF (TrueType fonts embedded) and PNG, one colour-blind-safe colour and one marker per
+variant, the same in every figure (full fine-tuning, the reference, in black), sized for a
+two-column paper (7.0 in wide). Each figure is drawn by its study from the study's CSV alone
+(studies/<study>.py; the rank ablation's by :func:`lowrank.ablation.figure`), so every figure
+can be redrawn without training.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,10 +22,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# Okabe–Ito, yellow last: it is the one colour that is hard to see on white
+from .adapters import variant_class, variants  # noqa: E402
+
+# Paul Tol's 12-colour qualitative scheme (SRON technical note SRON/EPS/TN/09-002, issue 2.2,
+# 2012): his colour-blind-safe "muted" nine plus blue, brown and a red-purple, for one colour per
+# variant that takes a rank. A variant's colour and marker are fixed by its position in
+# lr.variants() among those variants (style()); the order below keeps the four red-purples and
+# the three blues apart for the variants the studies draw together (positions 1, 2 and 5 to 10).
+PALETTE = ["#AA4499", "#DDCC77", "#44AA99", "#6699CC", "#661100", "#332288", "#999933", "#CC6677",
+           "#117733", "#88CCEE", "#882255", "#AA4466"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "d"]
+# Full fine-tuning (no rank) is the reference every adapter is measured against: black, a star
+# as a point and a dashed line over a grey band as a level.
+REFERENCE = {"color": "black", "marker": "*"}
+# Okabe–Ito, yellow last (hard to see on white): for categories that are not variants
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
              "#F0E442"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p"]
 FULL_WIDTH = 7.0  # inches, two-column paper text width
 
 LABELS = {
@@ -57,10 +70,20 @@ STYLE = {
 }
 
 
-def style_for(variants: Sequence[str]) -> dict[str, dict]:
-    """A fixed colour and marker per variant (stable order: sorted names)."""
-    return {v: {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)]}
-            for i, v in enumerate(sorted(variants))}
+def style(variant: str) -> dict[str, str]:
+    """The colour and marker of ``variant`` in every figure: :data:`REFERENCE` for a variant
+    without a rank (full fine-tuning), else from its position among the ranked variants of
+    lr.variants() (the marker shifts when a 13th variant wraps around the palette)."""
+    if not variant_class(variant).takes_rank:
+        return dict(REFERENCE)
+    i = [v for v in variants() if variant_class(v).takes_rank].index(variant)
+    return {"color": PALETTE[i % len(PALETTE)],
+            "marker": MARKERS[(i + i // len(PALETTE)) % len(MARKERS)]}
+
+
+def style_for(names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """:func:`style` of each variant in ``names``."""
+    return {v: style(v) for v in names}
 
 
 def label(metric: str) -> str:
@@ -107,7 +130,7 @@ def legend_below(fig: plt.Figure, axes: np.ndarray, max_cols: int = 7) -> None:
 
 
 def reference(ax: plt.Axes, mean: float, std: float | None = None, label: str = "full fine-tuning",
-              color: str = "0.4", lw: float = 0.8) -> None:
+              color: str = REFERENCE["color"], lw: float = 0.8) -> None:
     """A baseline across the panel: a dashed line at ``mean`` over a light band mean ± ``std``
     (no band without ``std``; a NaN std, from a single seed, is a band of width 0)."""
     if std is not None:

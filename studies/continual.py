@@ -190,7 +190,7 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
 def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
            titles: dict[str, str] | None = None) -> list[Path]:
     """Per task (column): new-task test accuracy vs forgetting (old-task accuracy lost), one line
-    per variant through its ranks (marker size grows with rank), full fine-tuning a grey star and,
+    per variant through its ranks (marker size grows with rank), full fine-tuning a black star and,
     from ``curve``, full fine-tuning at every searched learning rate as a dotted line; below,
     intruder dimensions summed over the adapted layers vs rank, full fine-tuning as a band.
     Mean ± std over seeds. ``df`` needs test_accuracy, test_forgetting, test_old_accuracy,
@@ -201,8 +201,8 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
         raise ValueError("no finished runs to plot; run the sweep first")
     titles = titles or {}
     free = study.rank_free(df["variant"])
-    styles = plots.style_for([v for v in df["variant"].unique() if v not in free])
-    grey = "0.45"  # full fine-tuning
+    styles = plots.style_for(df["variant"].unique())
+    ref = plots.REFERENCE["color"]  # full fine-tuning
     stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
     with plots.panels(2, len(tasks), 5.2) as (fig, axes):
         for col, task in enumerate(tasks):
@@ -225,7 +225,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
             top.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
                         lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
             if curve is not None and len(c := curve[curve["task"] == task].sort_values("lr")):
-                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=grey, lw=0.8,
+                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=ref, lw=0.8,
                          marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
                 inside = c["test_accuracy"].between(*xlim)
                 ys.append(c.loc[inside, "test_forgetting"])
@@ -234,13 +234,13 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
                                       c["lr"][inside]):
                     if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
                            for a, b in shown):  # no label on top of another
-                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=grey,
+                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=ref,
                                      xytext=(2, -6), textcoords="offset points")
                         shown.append((x, y))
                 if (~inside).any():
                     off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
                     top.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
-                             color=grey, transform=top.transAxes, va="top")
+                             color=ref, transform=top.transAxes, va="top")
             y = pd.concat(ys)
             pad = 0.06 * (y.max() - y.min()) + 0.01
             top.set_xlim(*xlim)
@@ -257,10 +257,10 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
                                 capsize=1.5, **st)
             for _, f in s[s["variant"].isin(free)].iterrows():
                 top.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
-                             color=grey, marker="*", markersize=10, ls="none", capsize=1.5,
-                             zorder=4, label="full fine-tuning (tuned lr)")
+                             **plots.REFERENCE, markersize=10, ls="none", capsize=1.5, zorder=4,
+                             label="full fine-tuning (tuned lr)")
                 plots.reference(bottom, f["intrmean"], f["intrstd"], "full fine-tuning (tuned lr)",
-                                color=grey)
+                                color=ref)
             top.set_title(titles.get(task, task) + " (marker size: rank)")
             top.set_xlabel("new-task test accuracy")
             top.set_ylabel("forgetting: old-task test accuracy lost")

@@ -321,7 +321,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
             for ax, col, xlabel in ((row[0], "params", "trainable parameters"),
                                     (row[1], "mem", "peak memory of the run (MiB)")):
                 for _, p in probe.iterrows():
-                    plots.reference(ax, p["mean"], label="linear probe")
+                    plots.reference(ax, p["mean"], label="linear probe", color="0.4")
                 for _, r in runs.iterrows():
                     ax.errorbar(r[col], r["mean"], yerr=np.nan_to_num(r["std"]), capsize=1.5,
                                 label=r["variant"], ls="none", **styles[r["variant"]])

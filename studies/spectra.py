@@ -177,11 +177,8 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
         raise ValueError("no layer rows to plot; run the study first")
     free = study.rank_free(lay["variant"])
     ranked = sorted(v for v in lay["variant"].unique() if v not in free)
-    # black is full fine-tuning's and yellow is faint: six colours, solid then dashed
-    palette = [c for c in plots.OKABE_ITO if c not in ("#000000", "#F0E442")]
-    styles = {v: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i % len(plots.MARKERS)],
-                  "ls": "-" if i < len(palette) else "--"} for i, v in enumerate(ranked)}
-    full = {"color": "black", "ls": "--", "lw": 1.0}
+    styles = plots.style_for(ranked)
+    full = {"color": plots.REFERENCE["color"], "ls": "--", "lw": 1.0}
     with plots.panels(len(tasks), 4, 2.0 * len(tasks) + 0.5) as (fig, axes):
         for row, task in zip(axes, tasks):
             L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
@@ -194,9 +191,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
                     if g.empty:
                         continue
                     q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
-                    st = full if v in free else {"color": styles[v]["color"], "ls": styles[v]["ls"],
-                                                   "marker": styles[v]["marker"], "markevery": 8,
-                                                   "markersize": 3}
+                    st = full if v in free else {**styles[v], "markevery": 8, "markersize": 3}
                     ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
                     ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
                 if r_star:
@@ -216,8 +211,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
                     g = s[s["variant"] == v].sort_values("rank")
                     if len(g):
                         ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
-                                    label=v, color=styles[v]["color"], ls=styles[v]["ls"],
-                                    marker=styles[v]["marker"])
+                                    label=v, **styles[v])
                 if ranks:
                     ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
                 ax.set_xscale("log", base=2)
