@@ -1,6 +1,6 @@
 """The ``lowrank`` command (also ``python -m lowrank``).
 
-    lowrank ablate --quick                      # studies/rank_ablation.py, same arguments
+    lowrank ablate --quick                      # the rank ablation (lowrank.ablation)
     lowrank plot results/rank_ablation.csv      # redraw the rank-ablation figure from a CSV
     lowrank inspect runs/lora-r8 [--json]       # what a saved adapter holds, without the model
     lowrank reconstruct w.safetensors --ranks 1 2 4 8 [--out errors.csv]
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import sys
@@ -25,13 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from . import analysis, plots
+from . import ablation, analysis
 from .adapters.base import make
 from .files import atomic_path
 from .io import AdapterFileError, read_adapter_dir
 from .sweep import read_results, tuned_rows
-
-STUDY = Path(__file__).resolve().parent.parent / "studies" / "rank_ablation.py"
 
 # Saved tensors that are trainable parameters, per variant (the rest are frozen buffers such
 # as PiSSA's A₀, B₀ or random alignment's fixed A). tests/test_cli.py checks this against
@@ -55,22 +52,10 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------- ablate / plot
-def _load_study():
-    if not STUDY.is_file():
-        raise CLIError(
-            f"lowrank ablate runs studies/rank_ablation.py from a source checkout and it is not at "
-            f"{STUDY} (an installed wheel has no studies/); clone the repository and install it "
-            "with pip install -e ."
-        )
-    spec = importlib.util.spec_from_file_location("lowrank_study_rank_ablation", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def ablate(argv: Sequence[str]) -> int:
-    """Run ``studies/rank_ablation.py`` with ``argv`` (its --help lists every option)."""
-    return int(_load_study().main(list(argv)))
+    """Run the rank ablation with the command line ``argv`` (``lowrank ablate --help`` lists every
+    option), its outputs under the current directory."""
+    return ablation.main(argv, root=Path.cwd(), prog="lowrank ablate")
 
 
 def plot(csv: Path, figure: Path | None) -> list[Path]:
@@ -81,7 +66,7 @@ def plot(csv: Path, figure: Path | None) -> list[Path]:
     rows = tuned_rows(df)
     if rows.empty:
         raise CLIError(f"{csv} has no finished runs at a dev-chosen learning rate to plot")
-    paths = plots.rank_ablation(rows, figure or csv.with_suffix(""))
+    paths = ablation.figure(rows, figure or csv.with_suffix(""))
     for p in paths:
         print(p)
     return paths
@@ -250,16 +235,15 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "ablate", add_help=False, help="run the rank ablation (studies/rank_ablation.py)",
-        description="Run studies/rank_ablation.py with the remaining arguments: every variant "
-        "across ranks and seeds at its dev-tuned learning rate, written to a resumable CSV and "
-        "a figure. `lowrank ablate --help` shows the study's own options (--quick, --out, "
-        "--figure, --plot-only ...). Needs a source checkout (the studies/ folder).")
+        "ablate", add_help=False, help="run the rank ablation",
+        description="Run the rank ablation (lowrank.ablation, as studies/rank_ablation.py does) "
+        "with the remaining arguments: every variant across ranks and seeds at its dev-tuned "
+        "learning rate, written to a resumable CSV and a figure under the current directory. "
+        "`lowrank ablate --help` shows its own options (--quick, --out, --figure, --plot-only ...).")
     pp = sub.add_parser(
         "plot", help="redraw the rank-ablation figure from a results CSV",
-        description="Redraw the rank-ablation figure (PDF and PNG) from a results CSV written by "
-        "`lowrank ablate`, at each variant and rank's dev-chosen learning rate, as "
-        "rank_ablation.py --plot-only does. Nothing is trained.")
+        description="Redraw the rank-ablation figure (PDF and PNG) from a results CSV of `lowrank "
+        "ablate` at each variant and rank's dev-chosen learning rate, training nothing.")
     pp.add_argument("csv", type=Path, metavar="CSV", help="results CSV of a rank ablation")
     pp.add_argument("--figure", type=Path, default=None, metavar="STEM",
                     help="figure path without extension (default: the CSV's path without .csv)")

@@ -1,5 +1,6 @@
-"""Low-rank linear algebra: truncated SVD, Eckart–Young, nuclear norm, SVT, and the seed-000
-objective  ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F)  solved in closed form and by gradient descent.
+"""Low-rank linear algebra: truncated SVD, Eckart–Young, nuclear norm, SVT, and the Frobenius-
+regularised factorisation  ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F)  solved in closed form and by
+gradient descent.
 
 The closed form rests on  min_{UVᵀ = X} ½(‖U‖²_F + ‖V‖²_F) = ‖X‖_*  (Srebro et al., 2005), so
 the objective equals  min_X ‖W − X‖²_F + 2λ‖X‖_*  under rank(X) ≤ r, which singular value
@@ -119,7 +120,7 @@ def frobenius_lowrank(W: Tensor, r: int, lam: float) -> Tensor:
 
 
 def frobenius_objective(W: Tensor, U: Tensor, V: Tensor, lam: float) -> Tensor:
-    """‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F), the seed-000 loss."""
+    """‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F): the loss of the Frobenius-regularised factorisation."""
     return ((W - U @ V.mT) ** 2).sum() + lam * ((U**2).sum() + (V**2).sum())
 
 
@@ -147,7 +148,7 @@ def fit_uv(
     init_scale: float = 1e-2,
     tol: float = 0.0,
 ) -> FitResult:
-    """Minimise ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F) by full-batch gradient descent (seed 000).
+    """Minimise ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F) by full-batch gradient descent.
 
     U, V start as small seeded Gaussians (``init_scale``·N(0,1)); the gradients are
     ∇_U = 2(UVᵀ − W)V + 2λU and ∇_V = 2(UVᵀ − W)ᵀU + 2λV. The default step size,

@@ -1,6 +1,6 @@
 """One training loop for every variant and task.
 
-AdamW on the trainable parameters, linear warm-up then linear decay (seed 001), gradient-norm
+AdamW on the trainable parameters, the learning rate warmed up then decayed linearly, gradient-norm
 clipping, each adapter's ``penalty()`` added to the loss, optional adversarial regularisation
 (FGSM or k-step PGD on the task's continuous input representation: pixels, or word embeddings
 for text; Goodfellow et al. 2015, Madry et al. 2018), evaluation on the dev split every epoch,

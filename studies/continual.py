@@ -34,35 +34,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import resource
+import os
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from matplotlib import ticker
 
 import lowrank as lr
-from lowrank import plots
+from lowrank import plots, study
 from lowrank.inject import find_targets
-from lowrank.sweep import RunSpec, read_results, saved_results, tuned_rows, tuned_sweep
+from lowrank.sweep import RunSpec, read_results, tuned_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("digits", "mnist")
-DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "milora", "dora", "vera", "random_alignment"]
 RANKS = {"digits": [1, 4, 16, 64], "mnist": [1, 2, 4, 8]}
 TASK_OPTIONS = {"digits": {}, "mnist": {"shift": "rotate", "angle": 45.0}}
 DEFAULTS = {
     "task": list(TASKS),
-    "variants": DEFAULT_VARIANTS,
+    "variants": ["full", "lora", "rslora", "pissa", "milora", "dora", "vera", "random_alignment"],
     "seeds": 3,
     "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
     "steps": 300,
     "batch_size": 64,
 }
-QUICK = {"variants": ["full", "lora"], "ranks": [1, 4], "seeds": 1, "lr_grid": [1e-2],
-         "steps": 60, "task_options": {"mnist": {"n_train": 2000, "n_eval": 2000}}}
+QUICK = {"variants": ["full", "lora"], "ranks": [1, 4], "seeds": 1, "lr_grid": [1e-2], "steps": 60}
+QUICK_TASK_OPTIONS = {"mnist": {"n_train": 2000, "n_eval": 2000}}
 TITLES = {"digits": "digits 0–4 → 5–9"}
 
 
@@ -75,63 +73,30 @@ def max_rank(task: lr.tasks.Task) -> tuple[int, str]:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Defaults: 580 runs, about 1000 CPU-seconds (about 9 minutes on 2 idle cores).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--task", nargs="+", default=DEFAULTS["task"], choices=TASKS,
-                   help="tasks to run")
-    p.add_argument("--task-options", type=json.loads, default=None, metavar="JSON",
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
+        "quick": ("tiny smoke run (< 1 min) on 2000 MNIST images", QUICK)},
+        epilog="Defaults: 580 runs, about 1000 CPU-seconds (about 9 minutes on 2 idle cores).")
+    p.add_argument("--task", nargs="+", choices=TASKS, help="tasks to run")
+    p.add_argument("--task-options", type=study.json_object, default=None, metavar="JSON",
                    help="per-task options over the defaults "
                         f"{json.dumps(TASK_OPTIONS)}, e.g. "
                         '\'{"mnist": {"shift": "permute", "n_train": 5000}}\'')
-    p.add_argument("--variants", nargs="+", default=None,
-                   help=f"variants (default: {' '.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--ranks", nargs="+", type=int, default=None,
-                   help="ranks for every task (default: digits 1 4 16 64, mnist 1 2 4 8)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0 … n−1); default 3")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=None,
-                   help="learning rates searched per variant and rank on new-task dev accuracy "
-                        "at seed 0 (default 3e-4 1e-3 3e-3 1e-2 3e-2 1e-1 3e-1 1)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results CSV (default results/continual.csv, results/continual_quick.csv "
-                        "with --quick)")
-    p.add_argument("--figure", type=Path, default=None,
-                   help="figure path without extension (default paper_figures/continual)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "workers",
+                 ranks="ranks for every task (default: "
+                       + ", ".join(f"{t} {' '.join(map(str, r))}" for t, r in RANKS.items()) + ")",
+                 lr_grid="learning rates searched per variant and rank on new-task dev accuracy "
+                         "at seed 0")
     args = p.parse_args(argv)
-    preset = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for key in ("seeds", "lr_grid", "steps", "variants"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    name = "continual_quick" if args.quick else "continual"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.figure = args.figure or ROOT / "paper_figures" / name
     if args.plot_only:
         return args
-    for v in args.variants:
-        if v not in lr.variants():
-            p.error(f"unknown variant {v!r}; choose from {', '.join(lr.variants())}")
     given = {} if args.task_options is None else args.task_options
-    if not (isinstance(given, dict) and all(isinstance(o, dict) for o in given.values())):
+    if not all(isinstance(o, dict) for o in given.values()):
         p.error(f"--task-options takes a JSON object of objects keyed by task, got {given!r}")
     unknown = sorted(set(given) - set(args.task))
     if unknown:
         p.error(f"--task-options names task {unknown[0]!r}, which is not in --task; "
                 f"use one of {', '.join(args.task)}")
-    if args.seeds < 1 or args.steps < 1 or args.workers < 1 or args.batch_size < 1:
-        p.error("--seeds, --steps, --workers and --batch-size must be at least 1")
-    if not all(x > 0 and math.isfinite(x) for x in args.lr_grid):
-        p.error(f"--lr-grid {args.lr_grid} must hold positive finite learning rates")
-    if args.ranks is not None and min(args.ranks) < 1:
-        p.error(f"--ranks {args.ranks} must all be at least 1")
-    quick = QUICK["task_options"] if args.quick else {}
+    quick = QUICK_TASK_OPTIONS if args.quick else {}
     args.options, args.rank_lists = {}, {}
     for task in args.task:
         args.options[task] = {**TASK_OPTIONS[task], **quick.get(task, {}), **given.get(task, {})}
@@ -139,7 +104,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             built = lr.tasks.get(task, **args.options[task])
         except ValueError as e:
             p.error(f"--task-options for {task}: {e}")
-        ranks = args.ranks if args.ranks is not None else (preset.get("ranks") or RANKS[task])
+        ranks = args.ranks or RANKS[task]
         hi, layer = max_rank(built)
         if max(ranks) > hi:
             p.error(f"rank {max(ranks)} is invalid for task {task}, whose adapted layer {layer} "
@@ -151,13 +116,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> list[RunSpec]:
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
-    out = []
-    for task in args.task:
-        for variant in args.variants:
-            for rank in ([None] if variant == "full" else args.rank_lists[task]):
-                out.append(RunSpec(task, variant, rank, seed=0, lr=0.0, train=train,
-                                   task_options=args.options[task], measure=("weights",)))
-    return out
+    return [RunSpec(task, variant, rank, seed=0, lr=0.0, train=train,
+                    task_options=args.options[task], measure=("weights",))
+            for task in args.task for variant, rank in study.grid(args.variants, args.rank_lists[task])]
 
 
 def with_intruders(df: pd.DataFrame) -> pd.DataFrame:
@@ -189,7 +150,8 @@ def titles(rows: pd.DataFrame) -> dict[str, str]:
 
 def full_curve(df: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
     """Full fine-tuning at every searched learning rate, seed 0, for the tasks of ``rows``."""
-    ok = df[(df["variant"] == "full") & (df["seed"] == 0) & (df["status"] == "ok")]
+    free = df["variant"].isin(study.rank_free(df["variant"]))
+    ok = df[free & (df["seed"] == 0) & (df["status"] == "ok")]
     keys = rows[["task", "task_options"]].drop_duplicates()
     return ok.merge(keys, on=["task", "task_options"]).sort_values(["task", "lr"])
 
@@ -198,7 +160,7 @@ def matched(rows: pd.DataFrame, curve: pd.DataFrame) -> pd.DataFrame:
     """Per (task, variant, rank): mean accuracy and forgetting over seeds, and the least
     forgetting full fine-tuning reaches at any searched learning rate (seed 0) with at least
     that accuracy (NaN if no full run is that accurate)."""
-    g = (rows[rows["variant"] != "full"]
+    g = (rows[~rows["variant"].isin(study.rank_free(rows["variant"]))]
          .groupby(["task", "variant", "rank"])[["test_accuracy", "test_forgetting"]].mean()
          .reset_index())
     best = []
@@ -225,25 +187,99 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    start = time.perf_counter()
-    if args.plot_only:
-        try:
-            df = saved_results(args.out)
-        except FileNotFoundError as e:
-            print(f"{e}; run without --plot-only first", file=sys.stderr)
-            return 1
-        rows = tuned_rows(df)
-    else:
-        if args.workers == 1:
-            torch.set_num_threads(1)
-        rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.out,
-                           workers=args.workers, progress=not args.quiet)
-        df = read_results(args.out)
-    rows = with_intruders(rows[rows["status"] == "ok"]).astype({"rank": "Int64"})
-    curve = full_curve(df, rows)
-    paths = plots.continual(rows, args.figure, curve=curve, titles=titles(rows))
+def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
+           titles: dict[str, str] | None = None) -> list[Path]:
+    """Per task (column): new-task test accuracy vs forgetting (old-task accuracy lost), one line
+    per variant through its ranks (marker size grows with rank), full fine-tuning a black star and,
+    from ``curve``, full fine-tuning at every searched learning rate as a dotted line; below,
+    intruder dimensions summed over the adapted layers vs rank, full fine-tuning as a band.
+    Mean ± std over seeds. ``df`` needs test_accuracy, test_forgetting, test_old_accuracy,
+    intruders and n_layers."""
+    df = df[df["status"] == "ok"]
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    titles = titles or {}
+    free = study.rank_free(df["variant"])
+    styles = plots.style_for(df["variant"].unique())
+    ref = plots.REFERENCE["color"]  # full fine-tuning
+    stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
+    with plots.panels(2, len(tasks), 5.2) as (fig, axes):
+        for col, task in enumerate(tasks):
+            sub = df[df["task"] == task]
+            g = sub.groupby(["variant", "rank"], dropna=False)
+            s = pd.concat({f"{k}{a}": g[c].agg(a) for k, c in stats.items()
+                           for a in ("mean", "std")}, axis=1).fillna(0).reset_index()
+            top, bottom = axes[0, col], axes[1, col]
+            ranks = s.loc[~s["variant"].isin(free), "rank"].dropna()
+            lo, hi = (np.log2(ranks.min()), np.log2(ranks.max())) if len(ranks) else (0, 1)
+
+            def size(r: float, lo: float = lo, hi: float = hi) -> float:
+                return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
+
+            # the panel spans the tuned runs; full FT runs far to their left are listed instead
+            x0 = (s["accmean"] - s["accstd"]).min()
+            x1 = (s["accmean"] + s["accstd"]).max()
+            xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
+            ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
+            top.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
+                        lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
+            if curve is not None and len(c := curve[curve["task"] == task].sort_values("lr")):
+                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=ref, lw=0.8,
+                         marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
+                inside = c["test_accuracy"].between(*xlim)
+                ys.append(c.loc[inside, "test_forgetting"])
+                shown: list[tuple[float, float]] = []
+                for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
+                                      c["lr"][inside]):
+                    if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
+                           for a, b in shown):  # no label on top of another
+                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=ref,
+                                     xytext=(2, -6), textcoords="offset points")
+                        shown.append((x, y))
+                if (~inside).any():
+                    off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
+                    top.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
+                             color=ref, transform=top.transAxes, va="top")
+            y = pd.concat(ys)
+            pad = 0.06 * (y.max() - y.min()) + 0.01
+            top.set_xlim(*xlim)
+            top.set_ylim(y.min() - pad, y.max() + pad)
+            for variant, v in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
+                v = v.sort_values("rank")
+                st = styles[variant]
+                top.errorbar(v["accmean"], v["fgtmean"], xerr=v["accstd"], yerr=v["fgtstd"],
+                             color=st["color"], lw=0.7, alpha=0.8, capsize=1.2, zorder=2)
+                top.scatter(v["accmean"], v["fgtmean"], s=[size(r) for r in v["rank"]],
+                            color=st["color"], marker=st["marker"], zorder=3, linewidths=0,
+                            label=variant)
+                bottom.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=variant,
+                                capsize=1.5, **st)
+            for _, f in s[s["variant"].isin(free)].iterrows():
+                top.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
+                             **plots.REFERENCE, markersize=10, ls="none", capsize=1.5, zorder=4,
+                             label="full fine-tuning (tuned lr)")
+                plots.reference(bottom, f["intrmean"], f["intrstd"], "full fine-tuning (tuned lr)",
+                                color=ref)
+            top.set_title(titles.get(task, task) + " (marker size: rank)")
+            top.set_xlabel("new-task test accuracy")
+            top.set_ylabel("forgetting: old-task test accuracy lost")
+            bottom.set_xscale("log", base=2)
+            if len(ranks):
+                ticks = sorted({int(r) for r in ranks})
+                bottom.set_xticks(ticks, [str(t) for t in ticks])
+                bottom.xaxis.set_minor_locator(ticker.NullLocator())
+            bottom.set_xlabel("rank r")
+            n = int(sub["n_layers"].max())
+            bottom.set_ylabel(f"intruder dimensions (sum over {n} layers)")
+            bottom.set_ylim(bottom=0)
+        plots.legend_below(fig, axes, max_cols=6)
+        return plots.save(fig, stem)
+
+
+def report(rows: pd.DataFrame, curve: pd.DataFrame) -> None:
+    """Print the old task's accuracy before adaptation, :func:`summary`, full fine-tuning's
+    ``curve`` and :func:`matched`."""
     before = (rows["test_old_accuracy"] + rows["test_forgetting"]).groupby(rows["task"]).mean()
     with pd.option_context("display.max_rows", 300, "display.width", 160):
         print("pretrained old-task test accuracy: "
@@ -255,11 +291,21 @@ def main(argv: list[str] | None = None) -> int:
         print("\nforgetting at matched new-task accuracy (variant mean over seeds vs the least "
               "forgetting of a full run at least as accurate):")
         print(matched(rows, curve).round(4).to_string(index=False))
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    print(f"elapsed {time.perf_counter() - start:.1f} s, peak memory of one process {peak:.0f} MiB")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.workers == 1:
+        torch.set_num_threads(1)
+    rows = study.results(args, lambda: tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)),
+                                                   args.out, workers=args.workers,
+                                                   progress=not args.quiet), tuned=True)
+    if rows is None:
+        return 1
+    rows = with_intruders(rows[rows["status"] == "ok"]).astype({"rank": "Int64"})
+    curve = full_curve(read_results(args.out), rows)
+    return study.finish(args, figure, rows, report=lambda rows: report(rows, curve), curve=curve,
+                        titles=titles(rows))
 
 
 if __name__ == "__main__":

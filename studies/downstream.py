@@ -31,6 +31,7 @@ import argparse
 import functools
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank import plots
+from lowrank import plots, study
 from lowrank.sweep import (
     GROUP,
     KEY,
@@ -55,83 +56,53 @@ from lowrank.sweep import (
 )
 from lowrank.train import PeakMemory
 
-ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_TARGETS = ["query", "value"]
-ALL_VARIANTS = ["lora", "rslora", "pissa", "milora", "random_alignment", "frobenius", "dora",
-                "vera", "adalora", "loha", "lokr", "full"]
 # Per-variant grids (a half-decade apart) around the rates these methods are run at: full
 # fine-tuning far below the adapters, VeRA's and random alignment's few trainable parameters above.
 PAPER_GRIDS = {"full": [3e-5, 1e-4, 3e-4], "vera": [3e-3, 1e-2, 3e-2],
                "random_alignment": [3e-3, 1e-2, 3e-2], "*": [1e-3, 3e-3, 1e-2]}
+DEFAULTS = {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"], "budgets": [8],
+            "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2], "steps": 32, "batch_size": 32,
+            "max_train": 800, "max_eval": 200, "group_by_length": False}
 PRESETS = {
-    "default": {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"],
-                "budgets": [8], "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2],
-                "steps": 32, "batch_size": 32, "max_train": 800, "max_eval": 200,
-                "group_by_length": False},
-    "paper": {"datasets": ["movies", "trec"], "variants": ALL_VARIANTS, "budgets": [8],
-              "ranks": [8], "seeds": 3, "lr_grid": PAPER_GRIDS, "steps": 100,
-              "batch_size": 32, "max_train": 2000, "max_eval": 400, "group_by_length": True},
-    "quick": {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "ranks": [],
-              "seeds": 1, "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64,
-              "max_eval": 48, "group_by_length": False},
+    "paper": ("the README table, hours on 2 cores",
+              {"variants": lr.variants(), "ranks": [8], "seeds": 3, "lr_grid": PAPER_GRIDS,
+               "steps": 100, "max_train": 2000, "max_eval": 400, "group_by_length": True}),
+    "quick": ("a tiny smoke run (< 2 min)",
+              {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "seeds": 1,
+               "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64, "max_eval": 48}),
 }
 PROBE_C = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Unset options take the preset's value (default, --paper "
-                                       "or --quick): " + json.dumps(PRESETS["default"]),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", nargs="+", choices=["movies", "trec"], default=None)
-    p.add_argument("--variants", nargs="+", default=None,
-                   help=f"variants to compare (any of {', '.join(ALL_VARIANTS)}); 'full' is "
-                        "full fine-tuning of every encoder Linear")
-    p.add_argument("--budgets", nargs="*", type=int, default=None,
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS,
+                     plot_only="redraw the figure and the table from the CSV, training nothing")
+    p.add_argument("--datasets", nargs="+", choices=["movies", "trec"],
+                   help="text datasets: movie-review sentiment, TREC question type")
+    p.add_argument("--max-train", type=study.positive_int, help="training sentences per dataset")
+    p.add_argument("--max-eval", type=study.positive_int, help="dev and test sentences each")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                   help="batches of similar-length sentences (less padding)")
+    p.add_common(variants="variants to compare; full is full fine-tuning of every encoder Linear")
+    p.add_argument("--budgets", nargs="*", type=study.positive_int, metavar="R",
                    help="matched budgets, as the LoRA rank whose parameter count each variant "
                         "matches")
-    p.add_argument("--ranks", nargs="*", type=int, default=None,
+    p.add_argument("--ranks", nargs="*", type=study.positive_int, metavar="R",
                    help="fixed ranks every variant is also run at")
-    p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--lr-grid", nargs="+", type=float, default=None,
-                   help="learning rates searched on dev at seed 0 for each (variant, rank), the "
-                        f"same for every variant (--paper: per variant, {json.dumps(PAPER_GRIDS)})")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-train", type=int, default=None, help="training sentences per dataset")
-    p.add_argument("--max-eval", type=int, default=None, help="dev and test sentences each")
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
-                   help="batches of similar-length sentences (less padding; --paper: on)")
+    p.add_common("seeds", "lr_grid", "steps", "batch_size",
+                 lr_grid="learning rates searched on dev at seed 0 for each (variant, rank), the "
+                         "same for every variant (--paper gives each variant a grid of its own)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
-    p.add_argument("--workers", type=int, default=2, help="parallel training processes")
-    p.add_argument("--out", type=Path, default=None, help="results CSV")
-    p.add_argument("--table", type=Path, default=None, help="markdown table")
-    p.add_argument("--figure", type=Path, default=None, help="figure path without extension")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--paper", action="store_true",
-                      help="every variant, 3 seeds, 2000 training sentences, 100 steps")
-    mode.add_argument("--quick", action="store_true", help="a tiny smoke run on TREC")
-    p.add_argument("--plot-only", action="store_true", help="redraw from the CSV, train nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_common(workers="parallel training processes")
+    p.add_argument("--table", type=Path, default=None,
+                   help="markdown table (default results/downstream.md; results/downstream_paper.md "
+                        "with --paper; results/downstream_quick.md with --quick)")
     args = p.parse_args(argv)
-    preset = PRESETS["paper" if args.paper else "quick" if args.quick else "default"]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if not isinstance(args.lr_grid, dict):
         args.lr_grid = {"*": args.lr_grid}
-    name = "downstream_quick" if args.quick else "downstream_paper" if args.paper else "downstream"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.table = args.table or ROOT / "results" / f"{name}.md"
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
-    if unknown:
-        p.error(f"--variants {' '.join(unknown)} unknown; choose from {', '.join(ALL_VARIANTS)}")
-    if min([args.seeds, args.steps, args.batch_size, args.max_train, args.max_eval, args.workers,
-            *args.budgets, *args.ranks]) < 1:
-        p.error("--seeds, --steps, --batch-size, --max-train, --max-eval, --workers, --budgets "
-                "and --ranks must all be ≥ 1")
-    if any(v != "full" for v in args.variants) and not args.budgets + args.ranks:
+    args.table = args.table or p.results / f"{args.run_name}.md"
+    if any(lr.variant_class(v).takes_rank for v in args.variants) and not args.budgets + args.ranks:
         p.error("give at least one --budgets or --ranks value for the adapter variants")
     return args
 
@@ -143,7 +114,7 @@ def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
     return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval,
-            "targets": "all-linear" if variant == "full" else ADAPTER_TARGETS}
+            "targets": ADAPTER_TARGETS if lr.variant_class(variant).takes_rank else "all-linear"}
 
 
 @functools.cache
@@ -191,8 +162,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int]:
               for n in lr.find_targets(model, ADAPTER_TARGETS)]
     roles: dict[tuple[str, int | None], list[str]] = {}
     for variant in args.variants:
-        if variant == "full":
-            roles.setdefault(("full", None), []).append("baseline")
+        if not lr.variant_class(variant).takes_rank:  # full fine-tuning
+            roles.setdefault((variant, None), []).append("baseline")
             continue
         for b in args.budgets:
             budget = adapter_params("lora", shapes, b)
@@ -331,9 +302,44 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
     return "\n".join(lines)
 
 
+def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory, mean ±
+    std over seeds, the Pareto front over both; the linear probe is a dashed line."""
+    datasets = list(dict.fromkeys(df["dataset"]))
+    if not datasets:
+        raise ValueError("no finished runs to plot; run the study first")
+    styles = plots.style_for([v for v in df["variant"].unique() if v != "probe"])
+    with plots.panels(len(datasets), 2, 2.4 * len(datasets)) as (fig, axes):
+        for row, dataset in zip(axes, datasets):
+            sub = df[df["dataset"] == dataset]
+            s = (sub.groupby(["variant", "rank"], dropna=False)
+                 .agg(mean=("test_accuracy", "mean"), std=("test_accuracy", "std"),
+                      params=("trainable_params", "mean"), mem=("peak_mem_mb", "mean"))
+                 .reset_index())
+            probe = s[s["variant"] == "probe"]
+            runs = s[s["variant"] != "probe"]
+            for ax, col, xlabel in ((row[0], "params", "trainable parameters"),
+                                    (row[1], "mem", "peak memory of the run (MiB)")):
+                for _, p in probe.iterrows():
+                    plots.reference(ax, p["mean"], label="linear probe", color="0.4")
+                for _, r in runs.iterrows():
+                    ax.errorbar(r[col], r["mean"], yerr=np.nan_to_num(r["std"]), capsize=1.5,
+                                label=r["variant"], ls="none", **styles[r["variant"]])
+                    tag = "" if pd.isna(r["rank"]) else f"r{int(r['rank'])}"
+                    ax.annotate(tag, (r[col], r["mean"]), fontsize=5, xytext=(2, -6),
+                                textcoords="offset points")
+                x, y = runs[col].to_numpy(float), runs["mean"].to_numpy(float)
+                front = plots.pareto_front(x, y, True)
+                ax.step(x[front], y[front], where="post", color="0.2", lw=0.8, label="Pareto front")
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(f"{dataset}: test accuracy")
+            row[0].set_xscale("log")
+        plots.legend_below(fig, axes, max_cols=7)
+        return plots.save(fig, stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    start = time.perf_counter()
     torch.set_num_threads(1)
     specs, roles, model_params = plan(args)
     if not args.plot_only:
@@ -347,18 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = reported(df, specs, args)
     text = table(rows, roles, model_params, args)
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.table.with_name(f".{args.table.name}.tmp")
-    tmp.write_text(f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
-                   f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
-                   "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text)
-    tmp.replace(args.table)
-    paths = plots.downstream(rows, args.figure)
     print(text)
-    print(f"results: {args.out}\ntable: {args.table}\nfigure: {', '.join(map(str, paths))}")
-    print(f"elapsed {time.perf_counter() - start:.1f} s")
-    return 0
-
+    return study.finish(args, figure, rows, table=(
+        f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
+        f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
+        "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text))
 
 if __name__ == "__main__":
     sys.exit(main())

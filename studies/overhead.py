@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import random
 import statistics
 import sys
@@ -27,41 +28,37 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib import ticker
 from torch import nn
 
 import lowrank as lr
-from lowrank import plots
-from lowrank.sweep import provenance, saved_results, write_atomic
+from lowrank import plots, study
+from lowrank.sweep import provenance, write_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"dims": [768, 1024, 4096], "ranks": [4, 8, 64], "tokens": 2048, "reps": 10,
+            "variants": lr.variants()}
+QUICK = {"dims": [128], "ranks": [8], "tokens": 256, "reps": 3}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dims", nargs="+", type=int, default=[768, 1024, 4096])
-    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 64])
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--reps", type=int, default=10, help="interleaved rounds (a third of them at d ≥ 4096)")
-    p.add_argument("--variants", nargs="+", default=None, help="default: every registered variant")
-    p.add_argument("--big-variants", nargs="+", default=["lora", "dora"],
-                   help="variants timed at d ≥ 4096 (every one is slow there on a CPU)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
+                     presets={"quick": ("a run of seconds, used by the tests", QUICK)})
+    p.add_argument("--dims", nargs="+", type=study.positive_int, metavar="D",
+                   help="sides d of the d × d layers")
+    p.add_common("ranks")
+    p.add_argument("--tokens", type=study.positive_int, help="rows of the input batch")
+    p.add_argument("--reps", type=study.positive_int,
+                   help="interleaved rounds (a third of them at d ≥ 4096)")
+    p.add_common("variants")
+    p.add_argument("--big-variants", nargs="+", type=study.variant, default=["lora", "dora"],
+                   metavar="VARIANT", help="variants timed at d ≥ 4096 (every one is slow there on a CPU)")
+    p.add_argument("--device", default="cpu", help="torch device of the layers (cpu or cuda)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="dtype of the layers and inputs")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT reference")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--figure", type=Path, default=None)
-    p.add_argument("--quick", action="store_true", help="d=128, r=8, 256 tokens, 3 rounds")
-    p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.dims, args.ranks, args.tokens, args.reps = [128], [8], 256, 3
-    name = "overhead_quick" if args.quick else "overhead"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    args.variants = args.variants or lr.variants()
-    for v in args.variants:
-        lr.variant_class(v)
+    if min(args.ranks) > max(args.dims):
+        p.error(f"every --ranks value is above every --dims value; pass ranks ≤ {max(args.dims)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was given but torch sees no CUDA device; use --device cpu")
     return args
@@ -97,8 +94,8 @@ def configurations(base: nn.Linear, rank: int, variants: list[str], peft: bool
             ad = lr.make(v, copy.deepcopy(base), rank=rank)
         except ValueError:
             continue  # rank out of range for this variant's block shape
-        if v == "full":
-            confs["full"] = (ad, True)
+        if not lr.variant_class(v).takes_rank:  # full fine-tuning: nothing to merge
+            confs[v] = (ad, True)
             continue
         with torch.no_grad():
             for p in ad.parameters():
@@ -183,33 +180,60 @@ def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if not args.plot_only:
-        rows = []
-        start = time.perf_counter()
-        for d in args.dims:
-            for r in args.ranks:
-                if r > d:
-                    continue
-                rows += bench_shape(d, r, args)
-                write_atomic(pd.DataFrame(rows), args.out)
-                print(f"d={d} r={r} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    try:
-        df = saved_results(args.out, key=None) if args.plot_only else pd.DataFrame(rows)
-    except FileNotFoundError as e:
-        print(f"{e}; run without --plot-only first", file=sys.stderr)
-        return 1
-    if df.empty:
-        return 1
-    paths = plots.overhead(df, args.figure)
+def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Dot plot of time relative to the base Linear (median over rounds of the paired ratio),
+    per configuration; one panel per measurement kind, one marker per (d, r) shape; the dashed
+    line is the base layer."""
+    shapes = [tuple(x) for x in df[["d", "rank"]].drop_duplicates().to_numpy()]
+    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", c))
+    kinds = list(dict.fromkeys(df["kind"]))
+    with plots.panels(1, len(kinds), 0.16 * len(configs) + 1.2, sharey=True) as (fig, axes):
+        for ax, kind in zip(axes[0], kinds):
+            sub = df[df["kind"] == kind]
+            for j, (d, r) in enumerate(shapes):
+                pts = sub[(sub["d"] == d) & (sub["rank"] == r)].set_index("config")
+                ys = [i for i, c in enumerate(configs) if c in pts.index]
+                xs = [pts.loc[c, "ratio_to_base"] for c in configs if c in pts.index]
+                ax.scatter(xs, ys, s=12, color=plots.OKABE_ITO[j % len(plots.OKABE_ITO)],
+                           marker=plots.MARKERS[j % len(plots.MARKERS)], label=f"d={d}, r={r}", zorder=3)
+            ax.axvline(1.0, color="0.4", ls="--", lw=0.8)
+            ax.set_xscale("log")
+            ticks = [t for t in (0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+                     if sub["ratio_to_base"].min() * 0.95 <= t <= sub["ratio_to_base"].max() * 1.05]
+            ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xlabel(f"{kind}: time / base Linear")
+            ax.set_yticks(range(len(configs)), configs)
+        axes[0, 0].invert_yaxis()  # shared y: once for all panels; base on top
+        plots.legend_below(fig, axes, max_cols=5)
+        return plots.save(fig, stem)
+
+
+def bench_all(args: argparse.Namespace) -> pd.DataFrame:
+    """Every shape's rows (r ≤ d), the CSV rewritten after each shape."""
+    rows = []
+    for d in args.dims:
+        for r in [r for r in args.ranks if r <= d]:
+            rows += bench_shape(d, r, args)
+            write_atomic(pd.DataFrame(rows), args.out)
+            if not args.quiet:
+                print(f"d={d} r={r} done ({time.perf_counter() - args.start:.0f} s)", file=sys.stderr)
+    return pd.DataFrame(rows)
+
+
+def report(df: pd.DataFrame) -> None:
+    """Print the time ratios to the base layer of LoRA, DoRA, PEFT's and full fine-tuning."""
     show = df[df["config"].isin(["lora", "lora (merged)", "dora", "dora (merged)", "peft lora",
                                  "peft dora", "full"])]
     table = show.pivot_table(index=["d", "rank", "config"], columns="kind",
                              values="ratio_to_base").round(3)
     print(table.to_string())
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    df = study.results(args, lambda: bench_all(args), key=None)
+    return study.finish(args, figure, df, report=report)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 For every matrix and rank r it measures the relative error ‖W − Ŵ_r‖_F / ‖W‖_F of
   svd               truncated SVD, exact (this is the Eckart–Young bound itself)
   randomized_svd    truncated SVD by randomized range finding (torch.svd_lowrank)
-  gd_uv             seed 000: gradient descent on ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F), λ = c·σ₁
+  gd_uv             gradient descent on ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F), λ = c·σ₁
   closed_form       the same objective's optimum Σ_{i≤r} max(σᵢ − λ, 0) uᵢvᵢᵀ (gd_uv's target)
   random_projection W Q Qᵀ, Q an orthonormal basis of a seeded Gaussian (in × r)
   lora_adam         B A from LoRA's init (A kaiming-uniform, B = 0), Adam on ‖W − BA‖²_F
@@ -23,52 +23,49 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib import ticker
 
-from lowrank import linalg, plots
-from lowrank.sweep import saved_results, write_atomic
+from lowrank import linalg, plots, study
+from lowrank.sweep import write_atomic
 from lowrank.tasks.text import model_path
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense",
           "encoder.layer.5.attention.self.value", "encoder.layer.5.output.dense"]
 SPECTRA = {"power_law": lambda i: 1.0 / i, "exponential": lambda i: 0.9**i,
            "flat": lambda i: torch.ones_like(i)}
+MIN_BOUND = 1e-3  # ratios to an Eckart–Young error below this are left out of the means
+DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64, 128], "lams": [0.0, 0.01, 0.1], "gd_steps": 300,
+            "adam_steps": 300, "adam_lr": 1e-2, "size": 256, "seed": 0}
+QUICK = {"ranks": [1, 4, 16], "size": 48, "gd_steps": 20, "adam_steps": 20}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128])
-    p.add_argument("--lams", nargs="+", type=float, default=[0.0, 0.01, 0.1],
-                   help="λ of the seed-000 objective, as multiples of σ₁ of each matrix")
-    p.add_argument("--gd-steps", type=int, default=300, help="gradient-descent steps of gd_uv")
-    p.add_argument("--adam-steps", type=int, default=300, help="Adam steps of lora_adam")
-    p.add_argument("--adam-lr", type=float, default=1e-2,
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
+        "quick": ("smoke run (< 30 s) on the synthetic spectra and one MiniLM matrix", QUICK)})
+    p.add_common("ranks")
+    p.add_argument("--lams", nargs="+", type=float, metavar="C",
+                   help="λ of the Frobenius-regularised objective, as multiples c of σ₁ of each "
+                        "matrix")
+    p.add_argument("--gd-steps", type=study.positive_int, help="gradient-descent steps of gd_uv")
+    p.add_argument("--adam-steps", type=study.positive_int, help="Adam steps of lora_adam")
+    p.add_argument("--adam-lr", type=study.learning_rate,
                    help="Adam learning rate (W is scaled to unit RMS entries first)")
-    p.add_argument("--size", type=int, default=256, help="side of the synthetic matrices")
+    p.add_argument("--size", type=study.positive_int, help="side of the synthetic matrices")
     p.add_argument("--all-layers", action="store_true",
                    help="every Linear of all-MiniLM-L6 instead of the four sampled ones")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--out", type=Path, default=None, help="results CSV")
-    p.add_argument("--figure", type=Path, default=None, help="figure path without extension")
-    p.add_argument("--quick", action="store_true",
-                   help="48×48 synthetic + one MiniLM matrix, ranks 1 4 16, 20 steps (< 30 s)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV")
+    p.add_argument("--seed", type=int, help="seed of every random start and projection")
+    p.add_common("threads")
     args = p.parse_args(argv)
-    if args.quick:
-        args.ranks, args.size, args.gd_steps, args.adam_steps = [1, 4, 16], 48, 20, 20
-    name = "reconstruction_quick" if args.quick else "reconstruction"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    if min(args.ranks) < 1 or args.gd_steps < 1 or args.adam_steps < 1 or min(args.lams) < 0:
-        p.error("--ranks, --gd-steps and --adam-steps must be ≥ 1 and --lams ≥ 0")
+    if min(args.lams) < 0:
+        p.error(f"--lams {min(args.lams):g} is negative; λ/σ₁ must be at least 0")
     return args
 
 
@@ -163,7 +160,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Ratio to Eckart–Young per method and λ over matrices and ranks: the mean over the
     points where the bound is at least MIN_BOUND (below it the ratio of two tiny errors says
     little: 300 steps do not reach 1e-6), the median over all, and the mean excess error."""
-    big = df[df["eckart_young"] >= plots.MIN_BOUND]
+    big = df[df["eckart_young"] >= MIN_BOUND]
     out = big.groupby(["method", "lam_rel"])["ratio"].agg(["mean", "max", "count"])
     out["median_all"] = df.groupby(["method", "lam_rel"])["ratio"].median()
     out["mean_excess"] = (df["error"] - df["eckart_young"]).groupby(
@@ -171,36 +168,103 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("mean")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    torch.set_num_threads(args.threads)
-    if args.plot_only:
-        try:
-            df = saved_results(args.out, key=None)
-        except FileNotFoundError as e:
-            print(f"{e}; run without --plot-only first", file=sys.stderr)
-            return 1
-    else:
-        start = time.perf_counter()
-        matrices = {f"synthetic.{k}": ("synthetic", synthetic(k, args.size, args.seed))
-                    for k in SPECTRA}
-        matrices |= {n: ("minilm", W) for n, W in minilm(args.all_layers, args.quick).items()}
-        rows = []
-        for name, (kind, W) in matrices.items():
-            rows += measure(name, kind, W, args)
-            df = pd.DataFrame(rows)
-            write_atomic(df, args.out)
-            print(f"{name} {tuple(W.shape)} done ({time.perf_counter() - start:.0f} s)",
+def _method_label(method: str, lam_rel: float) -> str:
+    return method if method not in ("gd_uv", "closed_form") else f"{method} λ={lam_rel:g}σ₁"
+
+
+def figure(df: pd.DataFrame, stem: str | os.PathLike,
+                   matrices: Sequence[str] | None = None) -> list[Path]:
+    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for a few matrices (the Eckart–Young bound a
+    black line, closed forms dashed in their gradient-descent colour), then a summary panel:
+    mean ratio to Eckart–Young per method over every matrix and rank where the bound is at
+    least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by the step budget)."""
+    if matrices is None:  # the synthetic spectra, then the first attention and MLP matrix
+        names = list(dict.fromkeys(df["matrix"]))
+        syn = [n for n in names if n.startswith("synthetic.")]
+        attn = [n for n in names if ".attention." in n][:1]
+        mlp = [n for n in names if n.startswith("minilm.") and ".attention." not in n][:1]
+        matrices = syn + attn + mlp
+    df = df.assign(label=[_method_label(m, c) for m, c in zip(df["method"], df["lam_rel"])])
+    gd = [_method_label("gd_uv", c) for c in sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())]
+    others = [m for m in ("svd", "randomized_svd", "random_projection", "lora_adam")
+              if m in set(df["method"])]
+    palette = [c for c in plots.OKABE_ITO if c != "#000000"]  # black is the Eckart–Young line
+    styles = {m: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i]}
+              for i, m in enumerate(others + gd)}
+    for g in gd:
+        styles[g.replace("gd_uv", "closed_form")] = {"color": styles[g]["color"], "ls": "--",
+                                                     "marker": "", "lw": 0.8}
+    styles["svd"] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
+    n = len(matrices) + 1
+    cols = 3
+    with plots.panels((n + cols - 1) // cols, cols, 2.1 * ((n + 2) // 3)) as (fig, axes):
+        flat = axes.ravel()
+        for ax, name in zip(flat, matrices):
+            sub = df[df["matrix"] == name]
+            ey = sub.groupby("rank")["eckart_young"].first()
+            ax.plot(ey.index, ey.to_numpy(), color="black", lw=1.6, label="Eckart–Young bound",
+                    zorder=1)
+            for lab, st in styles.items():
+                g = sub[sub["label"] == lab].sort_values("rank")
+                if len(g) and not (lab.startswith("closed_form") and g["lam_rel"].iloc[0] == 0):
+                    ax.plot(g["rank"], g["error"], label=lab, zorder=2, **st)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            short = name.replace("minilm.layer.", "MiniLM L").replace("attention.self.", "")
+            ax.set_title(f"{short} ({sub['rows'].iloc[0]}×{sub['cols'].iloc[0]})")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(r"$\|W-\hat W_r\|_F/\|W\|_F$")
+        ax = flat[len(matrices)]
+        mean = df[df["eckart_young"] >= MIN_BOUND].groupby("label")["ratio"].mean()
+        order = [lab for lab in styles if lab in mean.index]
+        ax.barh(range(len(order)), [mean[lab] for lab in order],
+                color=[styles[lab]["color"] for lab in order])
+        ax.set_yticks(range(len(order)), order)
+        ax.invert_yaxis()
+        for y, lab in enumerate(order):
+            ax.annotate(f"{mean[lab]:.3f}", (mean[lab], y), xytext=(2, 0), fontsize=6,
+                        textcoords="offset points", va="center")
+        ax.axvline(1.0, color="black", lw=1.0)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, mean.max() * 2)
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel(f"mean error / Eckart–Young (bound ≥ {MIN_BOUND:g})")
+        for extra in flat[n:]:
+            extra.set_visible(False)
+        plots.legend_below(fig, axes, max_cols=4)
+        return plots.save(fig, stem)
+
+
+def measure_all(args: argparse.Namespace) -> pd.DataFrame:
+    """Every matrix's rows, the CSV rewritten after each matrix."""
+    matrices = {f"synthetic.{k}": ("synthetic", synthetic(k, args.size, args.seed)) for k in SPECTRA}
+    matrices |= {n: ("minilm", W) for n, W in minilm(args.all_layers, args.quick).items()}
+    rows = []
+    for name, (kind, W) in matrices.items():
+        rows += measure(name, kind, W, args)
+        write_atomic(pd.DataFrame(rows), args.out)
+        if not args.quiet:
+            print(f"{name} {tuple(W.shape)} done ({time.perf_counter() - args.start:.0f} s)",
                   file=sys.stderr)
-    paths = plots.reconstruction(df, args.figure)
+    return pd.DataFrame(rows)
+
+
+def report(df: pd.DataFrame) -> None:
+    """Print the ratios to Eckart–Young (:func:`summary`) and gd_uv's gap to its closed form."""
     with pd.option_context("display.width", 120):
         print("ratio of ‖W − Ŵ_r‖_F to the Eckart–Young error (1 = optimal)")
         print(summary(df).round(4).to_string())
         gd = df[df["method"] == "gd_uv"]
         print("gd_uv − closed form (relative error), by λ/σ₁:")
         print(gd.groupby("lam_rel")["gap_to_closed_form"].agg(["mean", "max"]).to_string())
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    df = study.results(args, lambda: measure_all(args), key=None)
+    return study.finish(args, figure, df, report=report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ fine-tuned model falls to ≤ 2 % FGSM accuracy, a common floor, while 300 steps
 fine-tuning recover ≈ 60 %, so the radius separates the variants (Madry's 0.3 is for CNNs trained
 adversarially from scratch). The attacks do not clip x + δ to [0, 1], so robust accuracies are
 lower bounds for valid images. The learning rate is chosen on clean dev accuracy.
-random_alignment trains only B in a frozen random orthonormal row space A (seed 002).
+random_alignment trains only B in a frozen random orthonormal row space A.
 
 Writes one row per run to results/robustness.csv (resumable) and draws
 paper_figures/robustness.{pdf,png}: test accuracy clean / under FGSM / under PGD per variant, one
@@ -29,18 +29,17 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 import lowrank as lr
-from lowrank import plots
-from lowrank.sweep import RunSpec, saved_results, tuned_rows, tuned_sweep
+from lowrank import plots, study
+from lowrank.sweep import RunSpec, tuned_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PGD regularisation
 TASKS = ("mnist", "digits")  # the tasks whose input (pixels in [0, 1]) an L∞ ε is meaningful for
 MAX_RANK = {"mnist": 10, "digits": 64}  # smallest side of an adapted layer (mnist: out 10×256)
@@ -54,6 +53,7 @@ DEFAULTS = {
     "seeds": 3,
     "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
     "steps": 300,
+    "batch_size": 64,
 }
 QUICK = {"variants": ["full", "lora"], "seeds": 1, "lr_grid": [1e-2], "steps": 150}
 QUICK_TASK_OPTIONS = {"mnist": {**TASK_OPTIONS["mnist"], "n_train": 2_000, "n_eval": 1_000},
@@ -62,60 +62,29 @@ COLUMNS = {"clean": "test_clean_accuracy", "fgsm": "test_fgsm_accuracy", "pgd": 
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
+        "quick": ("smoke run (< 1 min) on 2k/1k MNIST images", QUICK)},
         epilog="The default took 28 min on 2 CPU cores shared with other jobs "
-               "(an estimated 6 min on idle cores).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--task", nargs="+", default=DEFAULTS["task"], help=f"tasks, from {', '.join(TASKS)}")
-    p.add_argument("--task-options", type=json.loads, default={}, metavar="JSON",
+               "(an estimated 6 min on idle cores).")
+    p.add_argument("--task", nargs="+", help=f"tasks, from {', '.join(TASKS)}")
+    p.add_argument("--task-options", type=study.json_object, default={}, metavar="JSON",
                    help="options for every task on top of the study's (mnist: "
                         f"{json.dumps(TASK_OPTIONS['mnist'])}), e.g. '{{\"shift\": \"permute\"}}'")
-    p.add_argument("--variants", nargs="+", default=DEFAULTS["variants"], help="variants to compare")
-    p.add_argument("--ranks", nargs="+", type=int, default=DEFAULTS["ranks"],
-                   help="ranks r (mnist: at most 10, its output layer is 10×256)")
-    p.add_argument("--modes", nargs="+", default=DEFAULTS["modes"],
+    p.add_common("variants", ranks="ranks r (mnist: at most 10, its output layer is 10×256)")
+    p.add_argument("--modes", nargs="+", metavar="MODE",
                    help=f"training modes, from {', '.join(MODES)} (none: no adversarial term)")
     p.add_argument("--eps", type=float, default=0.1,
                    help="L∞ radius ε in pixel units (pixels in [0, 1]) for training and attacks")
     p.add_argument("--adv-weight", type=float, default=0.5,
                    help="weight w of the adversarial loss: (1 − w)·clean + w·adversarial")
-    p.add_argument("--adv-steps", type=int, default=3, help="PGD steps during training")
-    p.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="number of seeds (0 … n−1)")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=DEFAULTS["lr_grid"],
-                   help="learning rates searched per (variant, rank, mode) on dev clean accuracy")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimiser steps per run")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of this process (with --workers 1 the runs happen here)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results CSV (default results/robustness.csv, "
-                        "results/robustness_quick.csv with --quick)")
-    p.add_argument("--figure", type=Path, default=None,
-                   help="figure path without extension (default paper_figures/robustness)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: full and lora, 1 seed, 1 learning rate, 150 steps, mnist 2k/1k images")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adv-steps", type=study.positive_int, default=3, help="PGD steps during training")
+    p.add_common("seeds", "lr_grid", "steps", "batch_size", "workers", "threads",
+                 lr_grid="learning rates searched per (variant, rank, mode) on dev clean accuracy",
+                 threads="torch threads of this process (with --workers 1 the runs happen here)")
     args = p.parse_args(argv)
-    if args.quick:
-        for key in ("variants", "seeds", "lr_grid", "steps"):
-            if getattr(args, key) == DEFAULTS[key]:
-                setattr(args, key, QUICK[key])
-    name = "robustness_quick" if args.quick else "robustness"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    known = lr.variants()
-    for v in args.variants:
-        if v not in known:
-            p.error(f"unknown variant {v!r}; choose from {', '.join(known)}")
     for m in args.modes:
         if m not in MODES:
             p.error(f"unknown training mode {m!r}; choose from {', '.join(MODES)}")
-    if not isinstance(args.task_options, dict):
-        p.error(f"--task-options takes a JSON object, got {args.task_options!r}")
     for t in args.task:
         if t not in TASKS:
             p.error(f"task {t!r} is not supported here; choose from {', '.join(TASKS)}")
@@ -131,12 +100,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eps {args.eps} is not a pixel radius; choose ε in [0, 1], such as 0.1")
     if not 0 <= args.adv_weight <= 1:
         p.error(f"--adv-weight {args.adv_weight} is out of range; choose w in [0, 1]")
-    if min(args.seeds, args.steps, args.workers, args.threads, args.adv_steps, args.batch_size,
-           *args.ranks) < 1:
-        p.error("--seeds, --steps, --workers, --threads, --adv-steps, --batch-size and every "
-                "--ranks value must be at least 1")
-    if min(args.lr_grid) <= 0:
-        p.error(f"--lr-grid {min(args.lr_grid)} is not a learning rate; pass positive values")
     return args
 
 
@@ -149,10 +112,8 @@ def specs(args: argparse.Namespace, mode: str) -> list[RunSpec]:
     out = []
     for task in args.task:
         options = {**(QUICK_TASK_OPTIONS if args.quick else TASK_OPTIONS)[task], **args.task_options}
-        for variant in args.variants:
-            for rank in ([None] if variant == "full" else args.ranks):
-                out.append(RunSpec(task, variant, rank, seed=0, lr=0.0, task_options=options,
-                                   train=train, measure=("robustness",)))
+        out += [RunSpec(task, variant, rank, seed=0, lr=0.0, task_options=options, train=train,
+                        measure=("robustness",)) for variant, rank in study.grid(args.variants, args.ranks)]
     return out
 
 
@@ -198,20 +159,44 @@ def effects(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_dict(out, orient="index")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    if args.plot_only:
-        try:
-            df = saved_results(args.out)
-        except FileNotFoundError as e:
-            print(f"{e}; run without --plot-only first", file=sys.stderr)
-            return 1
-        rows = tuned_rows(df)  # each (task, variant, rank, mode) at its dev-chosen lr
-    else:
-        rows = run(args)
-    paths = plots.robustness(rows, args.figure)
+def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per task (row) three panels, test accuracy clean, under FGSM and under PGD at the runs' ε;
+    one line per variant (and rank), one marker per training mode (plain, FGSM- or PGD-regularised),
+    mean ± std over seeds as horizontal error bars."""
+    df = df[df["status"] == "ok"].assign(mode=lambda d: d["adversarial"].fillna("none").astype(str))
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    modes = [m for m in ("none", "fgsm", "pgd") if m in set(df["mode"])]
+    names = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
+    evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
+             ("test_pgd_accuracy", "PGD-10")]
+    df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
+    free = study.rank_free(df["variant"])
+    configs = sorted(dict.fromkeys(df["config"]), key=lambda c: c not in free)  # stable: full first
+    offset = {m: (i - (len(modes) - 1) / 2) * 0.22 for i, m in enumerate(modes)}
+    with plots.panels(len(tasks), 3, 0.32 * len(configs) * len(tasks) + 1.0, sharey=True) as (fig, axes):
+        for row, task in zip(axes, tasks):
+            sub = df[df["task"] == task]
+            eps = ", ".join(f"{e:g}" for e in sorted(sub["robust_eps"].unique()))
+            for ax, (col, name) in zip(row, evals):
+                for i, m in enumerate(modes):
+                    g = sub[sub["mode"] == m].groupby("config")[col].agg(["mean", "std"])
+                    ys = [configs.index(c) + offset[m] for c in g.index]
+                    ax.errorbar(g["mean"], ys, xerr=g["std"].fillna(0), ls="", capsize=1.5,
+                                color=plots.OKABE_ITO[i], marker=plots.MARKERS[i], label=names[m])
+                ax.set_xlim(-0.02, 1.02)
+                ax.set_xlabel(f"test accuracy, {name}" + ("" if name == "clean" else f" (ε = {eps})"))
+                ax.set_title(f"{task}: {name}")
+                ax.grid(axis="y", visible=False)
+            row[0].set_yticks(range(len(configs)), configs)
+        axes[0, 0].invert_yaxis()  # shared y: once for all panels; full on top
+        plots.legend_below(fig, axes, max_cols=len(modes))
+        return plots.save(fig, stem)
+
+
+def report(rows: pd.DataFrame) -> None:
+    """Print the accuracies (:func:`summary`) and what adversarial training changes (:func:`effects`)."""
     table = summary(rows)
     with pd.option_context("display.max_rows", 200, "display.width", 150):
         print("test accuracy, mean and std over seeds (robust_eps = "
@@ -222,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\nadversarial training vs plain fine-tuning (gain: robust accuracy under the "
                   "training attack; clean_cost: clean accuracy lost):")
             print(fx.round(3).to_string())
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    print(f"elapsed {time.perf_counter() - start:.1f} s")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    rows = study.results(args, lambda: run(args), tuned=True)  # each (…, mode) at its own lr
+    return study.finish(args, figure, rows, report=report)
 
 
 if __name__ == "__main__":

@@ -29,24 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 import lowrank as lr
-from lowrank import plots
-from lowrank.sweep import RunSpec, read_results, saved_results, tuned_rows, tuned_sweep, write_atomic
+from lowrank import plots, study
+from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
-# the text rows: the full-size downstream run when there is one, else the reduced default
-DEFAULT_INCLUDES = [ROOT / "results" / "downstream_paper.csv", ROOT / "results" / "downstream.csv"]
-ALL_VARIANTS = ["full", "lora", "rslora", "pissa", "milora", "random_alignment", "frobenius",
-                "dora", "vera", "adalora", "loha", "lokr"]
-DEFAULTS = {"task": ["digits"], "variants": ALL_VARIANTS, "ranks": [1, 4, 16, 64], "seeds": 3,
-            "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "steps": 300}
+# the text rows, in results/: the full-size downstream run when there is one, else the default
+DEFAULT_INCLUDES = ["downstream_paper.csv", "downstream.csv"]
+DEFAULTS = {"task": ["digits"], "variants": lr.variants(), "ranks": [1, 4, 16, 64], "seeds": 3,
+            "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "steps": 300, "batch_size": 64}
 QUICK = {"variants": ["full", "lora", "pissa", "vera", "adalora", "dora", "loha"],
          "ranks": [1, 4], "seeds": 1, "lr_grid": [3e-2], "steps": 100}
 NUMERICAL_TOL = 1e-5  # σᵢ/σ₁ above this counts towards the numerical rank
@@ -55,65 +53,29 @@ LAYER_COLUMNS = ["effective_rank", "eff_rank_over_r", "rank90", "stable_rank", "
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="The default run takes 435 CPU seconds: about 4 minutes on "
-                                       "2 idle cores.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", nargs="+", default=DEFAULTS["task"],
-                   help=f"tasks trained here (from {', '.join(lr.tasks.names())})")
-    p.add_argument("--variants", nargs="+", default=None,
-                   help="variants (default: all twelve; --quick: full lora pissa vera adalora "
-                        "dora loha)")
-    p.add_argument("--ranks", nargs="+", type=int, default=None,
-                   help=f"ranks r (default {' '.join(map(str, DEFAULTS['ranks']))})")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0 … n−1); default 3")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=None,
-                   help="learning rates searched per variant and rank on dev at seed 0 "
-                        "(default 3e-3 … 3e-1)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--spectrum-rank", type=int, default=16,
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
+                     presets={"quick": ("tiny smoke run (< 1 min), no text rows", QUICK)},
+                     out="tidy table, with the sweep CSV beside it as <name>_runs.csv",
+                     epilog="The default run takes 435 CPU seconds: about 4 minutes on 2 idle cores.")
+    p.add_argument("--task", nargs="+", type=study.task, metavar="TASK",
+                   help=f"tasks trained here, from {', '.join(lr.tasks.names())}")
+    p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size")
+    p.add_argument("--spectrum-rank", type=study.positive_int, default=16,
                    help="the rank whose spectra the figure draws (the nearest rank present)")
     p.add_argument("--include", nargs="*", type=Path, default=None, metavar="CSV",
                    help="other sweep CSVs whose dev-tuned rows with a `weights` column are folded "
-                        "in (default: results/downstream_paper.csv, else results/downstream.csv, "
-                        "if either exists; none with --quick)")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the main process (runs there when --workers 1); small "
-                        "MLPs gain nothing from more, and on a busy machine lose a lot")
-    p.add_argument("--out", type=Path, default=None,
-                   help="tidy table (default results/spectra.csv, results/spectra_quick.csv with "
-                        "--quick); the sweep CSV is written next to it as <name>_runs.csv")
-    p.add_argument("--figure", type=Path, default=None,
-                   help="figure path without extension (default paper_figures/spectra)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                        f"in (default: results/{DEFAULT_INCLUDES[0]}, else "
+                        f"results/{DEFAULT_INCLUDES[1]}, if either exists; none with --quick)")
+    p.add_common("workers", threads="torch threads of the main process (runs there when --workers "
+                                    "1); small MLPs gain nothing from more, and on a busy machine "
+                                    "lose a lot")
     args = p.parse_args(argv)
-    preset = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for key in ("variants", "ranks", "seeds", "lr_grid", "steps"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    name = "spectra_quick" if args.quick else "spectra"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
     args.runs = args.out.with_name(f"{args.out.stem}_runs.csv")
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    for t in args.task:
-        if t not in lr.tasks.names():
-            p.error(f"unknown task {t!r}; choose from {', '.join(lr.tasks.names())}")
-    for v in args.variants:
-        if v not in lr.variants():
-            p.error(f"unknown variant {v!r}; choose from {', '.join(lr.variants())}")
-    if min(args.seeds, args.steps, args.workers, args.threads, *args.ranks) < 1:
-        p.error("--seeds, --steps, --workers, --threads and every --ranks value must be at least 1")
-    if args.spectrum_rank < 1 or min(args.lr_grid) <= 0:
-        p.error("--spectrum-rank must be at least 1 and every --lr-grid value positive")
     if args.include is None:
-        found = [path for path in DEFAULT_INCLUDES if path.exists()]
-        args.include = [] if args.quick else found[:1]
+        defaults = [p.results / name for name in DEFAULT_INCLUDES]
+        args.include = [] if args.quick else [path for path in defaults if path.exists()][:1]
         if not (args.quick or args.plot_only or args.include):
-            print(f"note: neither {' nor '.join(map(str, DEFAULT_INCLUDES))} exists; no text "
+            print(f"note: neither {' nor '.join(map(str, defaults))} exists; no text "
                   "rows to fold in", file=sys.stderr)
     for path in args.include:
         if not path.is_file():
@@ -125,8 +87,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> list[RunSpec]:
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
     return [RunSpec(task, variant, rank, seed=0, lr=0.0, train=train, measure=("weights",))
-            for task in args.task for variant in args.variants
-            for rank in ([None] if variant == "full" else args.ranks)]
+            for task in args.task for variant, rank in study.grid(args.variants, args.ranks)]
 
 
 def selected_rows(path: Path) -> pd.DataFrame:
@@ -193,40 +154,101 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def full_energy(table: pd.DataFrame, ranks: list[int]) -> pd.DataFrame:
     """Full fine-tuning's share of ‖ΔW‖²_F in its top r directions, per r (mean over seeds)."""
-    sv = table[(table["kind"] == "sv") & (table["variant"] == "full") & table["i"].isin(ranks)]
+    free = table["variant"].isin(study.rank_free(table["variant"]))
+    sv = table[(table["kind"] == "sv") & free & table["i"].isin(ranks)]
     return sv.pivot_table(index=["task", "dataset", "layer"], columns="i", values="energy",
                           aggfunc="mean")
+
+
+def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
+    """One row per task: σᵢ/σ₁ of ΔW vs i at the rank nearest ``spectrum_rank`` for the B·A
+    family and for the other variants (median over layers and seeds, interquartile band; full
+    fine-tuning's W − W₀ in black), then effective rank and rank90 vs r (layer mean; mean ± std
+    over seeds; full fine-tuning a band, y = r dotted). ``df`` is the spectra study's table."""
+    # B·A adapters (rank ≤ r, ≤ 2r when B₀A₀ is subtracted); the rest get the second panel
+    ba_family = ("lora", "rslora", "pissa", "milora", "random_alignment", "frobenius")
+    lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
+    names = [t if not isinstance(d, str) or not d else f"{t} ({d})"
+             for t, d in zip(df["task"], df["dataset"])]
+    df = df.assign(_task=names)
+    lay, sv = df.loc[lay.index], df.loc[sv.index]
+    tasks = list(dict.fromkeys(lay["_task"]))
+    if not tasks:
+        raise ValueError("no layer rows to plot; run the study first")
+    free = study.rank_free(lay["variant"])
+    ranked = sorted(v for v in lay["variant"].unique() if v not in free)
+    styles = plots.style_for(ranked)
+    full = {"color": plots.REFERENCE["color"], "ls": "--", "lw": 1.0}
+    with plots.panels(len(tasks), 4, 2.0 * len(tasks) + 0.5) as (fig, axes):
+        for row, task in zip(axes, tasks):
+            L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
+            ranks = sorted({int(r) for r in L["rank"].dropna()})
+            r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
+            groups = [[v for v in ranked if v in ba_family], [v for v in ranked if v not in ba_family]]
+            for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
+                for v in [*sorted(free), *group]:
+                    g = S[(S["variant"] == v) & ((S["rank"] == r_star) if v not in free else True)]
+                    if g.empty:
+                        continue
+                    q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
+                    st = full if v in free else {**styles[v], "markevery": 8, "markersize": 3}
+                    ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
+                    ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
+                if r_star:
+                    ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
+                ax.set_yscale("log")
+                ax.set_ylim(1e-9, 2)
+                ax.set_xlabel("index i")
+                ax.set_ylabel(r"$\sigma_i/\sigma_1$ of $\Delta W$")
+                ax.set_title(f"{task}: {title}, r = {r_star}")
+            for ax, col, ylab in ((row[2], "effective_rank", "effective rank of ΔW"),
+                                  (row[3], "rank90", "rank for 90 % energy")):
+                per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
+                s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
+                for _, f in s[s["variant"].isin(free)].iterrows():
+                    plots.reference(ax, f["mean"], f["std"], color=full["color"], lw=full["lw"])
+                for v in ranked:
+                    g = s[s["variant"] == v].sort_values("rank")
+                    if len(g):
+                        ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
+                                    label=v, **styles[v])
+                if ranks:
+                    ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log", base=2)
+                ax.set_xlabel("allotted rank r")
+                ax.set_ylabel(ylab)
+                ax.set_title(f"{task}, layer mean")
+        plots.legend_below(fig, axes, max_cols=7)
+        return plots.save(fig, stem)
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    """The sweep (resumed from --out's _runs.csv) and the included rows, as the tidy table."""
+    rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,
+                       workers=args.workers, progress=not args.quiet)
+    extra = [selected_rows(path) for path in args.include]
+    runs = pd.concat([rows[rows["status"] == "ok"], *extra], ignore_index=True)
+    return spectra_table(runs.drop_duplicates("run_id"))
+
+
+def report(table: pd.DataFrame) -> None:
+    """Print the layer summaries (:func:`summary`) and full fine-tuning's energy in r directions."""
+    with pd.option_context("display.max_rows", 500, "display.width", 160):
+        print("per layer, mean over seeds:")
+        print(summary(table).round(3).to_string())
+        ranks = sorted({int(r) for r in table["rank"].dropna()})
+        if ranks and study.rank_free(table["variant"]):
+            print("full fine-tuning: share of ‖ΔW‖²_F in the top r directions:")
+            print(full_energy(table, ranks).round(3).to_string())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    if args.plot_only:
-        try:
-            table = saved_results(args.out, key=None)
-        except FileNotFoundError as e:
-            print(f"{e}; run without --plot-only first", file=sys.stderr)
-            return 1
-    else:
-        rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,
-                           workers=args.workers, progress=not args.quiet)
-        rows = rows[rows["status"] == "ok"]
-        extra = [selected_rows(path) for path in args.include]
-        runs = pd.concat([rows, *extra], ignore_index=True).drop_duplicates("run_id")
-        table = spectra_table(runs)
-        write_atomic(table, args.out)
-    paths = plots.spectra(table, args.figure, spectrum_rank=args.spectrum_rank)
-    with pd.option_context("display.max_rows", 500, "display.width", 160):
-        print("per layer, mean over seeds:")
-        print(summary(table).round(3).to_string())
-        ranks = sorted({int(r) for r in table["rank"].dropna()})
-        if ranks and (table["variant"] == "full").any():
-            print("full fine-tuning: share of ‖ΔW‖²_F in the top r directions:")
-            print(full_energy(table, ranks).round(3).to_string())
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    print(f"elapsed {time.perf_counter() - start:.1f} s")
-    return 0
+    table = study.results(args, lambda: run(args), key=None)
+    return study.finish(args, figure, table, report=report, write=not args.plot_only,
+                        spectrum_rank=args.spectrum_rank)
 
 
 if __name__ == "__main__":

@@ -18,44 +18,36 @@ space and φ(·, ·, i, 64) = 1 trivially; fc2 (128 inputs) has no such ceiling.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib import ticker
 
 import lowrank as lr
-from lowrank import plots
-from lowrank.sweep import saved_results, write_atomic
+from lowrank import plots, study
 from lowrank.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64], "small": 8, "large": 64, "steps": 1000, "lr": 1e-2,
+            "batch_size": 64}
+QUICK = {"ranks": [2, 8, 16], "large": 16, "steps": 60}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64],
-                   help="LoRA ranks trained at seed 0 (amplification per rank)")
-    p.add_argument("--small", type=int, default=8, help="the small rank of φ (trained at 2 seeds)")
-    p.add_argument("--large", type=int, default=64, help="the large rank of φ")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--out", type=Path, default=None, help="results CSV")
-    p.add_argument("--figure", type=Path, default=None, help="figure path without extension")
-    p.add_argument("--quick", action="store_true", help="ranks 2 8 16, φ between 8 and 16, 60 steps")
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSV")
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
+                     presets={"quick": ("smoke run (< 30 s), φ between r = 8 and 16", QUICK)})
+    p.add_common(ranks="LoRA ranks trained at seed 0 (amplification per rank)")
+    p.add_argument("--small", type=study.positive_int, help="the small rank of φ (trained at 2 seeds)")
+    p.add_argument("--large", type=study.positive_int, help="the large rank of φ")
+    p.add_argument("--lr", type=study.learning_rate, help="learning rate of every run")
+    p.add_common("steps", "batch_size", "threads")
     args = p.parse_args(argv)
-    if args.quick:
-        args.ranks, args.large, args.steps = [2, 8, 16], 16, 60
-    name = "subspace_quick" if args.quick else "subspace"
-    args.out = args.out or ROOT / "results" / f"{name}.csv"
-    args.figure = args.figure or ROOT / "paper_figures" / name
-    if min(args.ranks) < 1 or args.steps < 1 or not 1 <= args.small <= args.large:
-        p.error("--ranks and --steps must be ≥ 1 and 1 ≤ --small ≤ --large")
+    if args.small > args.large:
+        p.error(f"--small {args.small} is above --large {args.large}; the small rank of φ must "
+                "be at most the large one")
     args.ranks = sorted(set(args.ranks) | {args.small, args.large})
     return args
 
@@ -80,43 +72,72 @@ def phi_rows(a1: dict, a2: dict, pair: str) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    torch.set_num_threads(args.threads)
-    if args.plot_only:
-        try:
-            df = saved_results(args.out, key=None)
-        except FileNotFoundError as e:
-            print(f"{e}; run without --plot-only first", file=sys.stderr)
-            return 1
-    else:
-        start = time.perf_counter()
-        task = lr.tasks.get("digits")
-        runs, rows = {}, []
-        for rank, seed in [(r, 0) for r in args.ranks] + [(args.small, 1)]:
-            t = time.perf_counter()
-            ads, metrics = run_lora(task, rank, seed, args)
-            runs[rank, seed] = ads
-            for layer, ad in ads.items():
-                dW, W0 = ad.delta_weight().detach(), ad.base.weight.detach()
-                if rank > min(dW.shape):
-                    continue
-                U, _, Vh = torch.linalg.svd(dW.double(), full_matrices=False)
-                rows.append({"kind": "amplification", "layer": layer, "rank": rank, "seed": seed,
-                             "amplification": lr.analysis.amplification(dW, W0, rank),
-                             "dW_norm": float(dW.norm()),
-                             "projected_W_norm": float((U[:, :rank].mT @ W0.double()
-                                                        @ Vh[:rank].mT).norm()),
-                             "W_norm": float(W0.norm()),
-                             "test_accuracy": metrics.get("test_accuracy"),
-                             "seconds": time.perf_counter() - t})
-            print(f"r={rank} seed={seed} done ({time.perf_counter() - start:.0f} s)",
+def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """One row per adapted layer: φ(i, j) heat maps for each pair of runs (LoRA paper Figs. 3–4,
+    i down, j across, colour 0…1), then the amplification factor ‖ΔW‖_F/‖U_rᵀW₀V_r‖_F vs rank."""
+    phi, amp = df[df["kind"] == "phi"], df[df["kind"] == "amplification"]
+    layers = list(dict.fromkeys(phi["layer"]))
+    pairs = list(dict.fromkeys(phi["pair"]))
+    with plots.panels(len(layers), len(pairs) + 1, 1.9 * len(layers) + 0.3,
+                      gridspec_kw={"width_ratios": [2.2] + [1] * len(pairs)}) as (fig, axes):
+        image = None
+        for row, layer in zip(axes, layers):
+            for ax, pair in zip(row, pairs):
+                grid = phi[(phi["layer"] == layer) & (phi["pair"] == pair)].pivot(
+                    index="i", columns="j", values="phi")
+                image = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="viridis",
+                                  aspect="auto", interpolation="nearest",
+                                  extent=(0.5, grid.columns.max() + 0.5, grid.index.max() + 0.5, 0.5))
+                ax.grid(False)
+                ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+                ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+                ax.set_title(f"{layer}: φ, {pair}")
+                ax.set_xlabel("j")
+                ax.set_ylabel("i")
+            ax = row[-1]
+            g = amp[(amp["layer"] == layer) & (amp["seed"] == 0)].sort_values("rank")
+            ax.plot(g["rank"], g["amplification"], color=plots.OKABE_ITO[0], marker=plots.MARKERS[0])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel(r"$\|\Delta W\|_F / \|U_r^\top W_0 V_r\|_F$")
+            ax.set_title(f"{layer}: amplification")
+        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="φ", shrink=0.8)
+        return plots.save(fig, stem)
+
+
+def train_all(args: argparse.Namespace) -> pd.DataFrame:
+    """LoRA at every rank (seed 0) and at the small rank again (seed 1); the φ and
+    amplification rows."""
+    task = lr.tasks.get("digits")
+    runs, rows = {}, []
+    for rank, seed in [(r, 0) for r in args.ranks] + [(args.small, 1)]:
+        t = time.perf_counter()
+        ads, metrics = run_lora(task, rank, seed, args)
+        runs[rank, seed] = ads
+        for layer, ad in ads.items():
+            dW, W0 = ad.delta_weight().detach(), ad.base.weight.detach()
+            if rank > min(dW.shape):
+                continue
+            U, _, Vh = torch.linalg.svd(dW.double(), full_matrices=False)
+            rows.append({"kind": "amplification", "layer": layer, "rank": rank, "seed": seed,
+                         "amplification": lr.analysis.amplification(dW, W0, rank),
+                         "dW_norm": float(dW.norm()),
+                         "projected_W_norm": float((U[:, :rank].mT @ W0.double()
+                                                    @ Vh[:rank].mT).norm()),
+                         "W_norm": float(W0.norm()),
+                         "test_accuracy": metrics.get("test_accuracy"),
+                         "seconds": time.perf_counter() - t})
+        if not args.quiet:
+            print(f"r={rank} seed={seed} done ({time.perf_counter() - args.start:.0f} s)",
                   file=sys.stderr)
-        rows += phi_rows(runs[args.small, 0], runs[args.large, 0], f"r{args.small} vs r{args.large}")
-        rows += phi_rows(runs[args.small, 0], runs[args.small, 1], f"r{args.small} seed 0 vs 1")
-        df = pd.DataFrame(rows)
-        write_atomic(df, args.out)
-    paths = plots.subspace(df, args.figure)
+    rows += phi_rows(runs[args.small, 0], runs[args.large, 0], f"r{args.small} vs r{args.large}")
+    rows += phi_rows(runs[args.small, 0], runs[args.small, 1], f"r{args.small} seed 0 vs 1")
+    return pd.DataFrame(rows)
+
+
+def report(df: pd.DataFrame) -> None:
+    """Print φ at a few j per pair and layer, and the amplification per rank."""
     phi = df[df["kind"] == "phi"]
     with pd.option_context("display.width", 120):
         for (pair, layer), g in phi.groupby(["pair", "layer"], sort=False):
@@ -127,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         print("amplification ‖ΔW‖_F / ‖U_rᵀ W₀ V_r‖_F by rank:")
         print(amp.astype({"rank": int, "seed": int}).pivot_table(index=["rank", "seed"], columns="layer",
                               values=["amplification", "test_accuracy"]).round(3).to_string())
-    print(f"results: {args.out}\nfigure: {', '.join(map(str, paths))}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    df = study.results(args, lambda: train_all(args), key=None)
+    return study.finish(args, figure, df, report=report, write=not args.plot_only)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ is fast), plus one real ``python -m lowrank`` to check the module entry point.""
 import hashlib
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,9 +238,30 @@ def test_plot_without_results_fails_with_one_line(capsys, tmp_path):
     assert code == 1 and "does not exist" in err and err.count("\n") == 1
 
 
-def test_ablate_without_the_studies_folder_explains(capsys, monkeypatch, tmp_path):
-    import lowrank.cli
+def test_ablate_runs_from_the_package_alone_under_the_current_directory(tmp_path):
+    """The ablation is part of the library: an installed package (lowrank/ without the studies/
+    folder beside it) runs it, names itself `lowrank ablate` and writes under the working
+    directory."""
+    shutil.copytree(ROOT / "lowrank", tmp_path / "site" / "lowrank")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    cmd = [sys.executable, "-m", "lowrank", "ablate"]
+    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=work, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: lowrank ablate ") and "--plot-only" in res.stdout
+    res = subprocess.run([*cmd, "--quick", "--quiet", "--workers", "1", "--ranks", "1",
+                          "--steps", "20", "--lr-grid", "1e-2"], capture_output=True, text=True,
+                         cwd=work, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (work / "results" / "rank_ablation_quick.csv").exists()
+    assert (work / "paper_figures" / "rank_ablation_quick.png").exists()
 
-    monkeypatch.setattr(lowrank.cli, "STUDY", tmp_path / "studies" / "rank_ablation.py")
-    code, _, err = run(capsys, "ablate", "--quick")
-    assert code == 1 and "source checkout" in err and err.count("\n") == 1
+
+def test_ablate_plot_only_reads_the_csv_it_is_given(capsys, tmp_path):
+    csv = ROOT / "results" / "rank_ablation.csv"
+    code, out, err = run(capsys, "ablate", "--plot-only", "--out", str(csv),
+                         "--figure", str(tmp_path / "fig"))
+    assert code == 0, err
+    assert f"figure: {tmp_path / 'fig.pdf'}" in out and (tmp_path / "fig.png").exists()

@@ -78,7 +78,7 @@ def test_help_and_bad_input():
         assert flag in res.stdout
     res = subprocess.run([sys.executable, str(SCRIPT), "--variants", "lorax"], capture_output=True,
                          text=True)
-    assert res.returncode == 2 and "--variants lorax unknown; choose from lora" in res.stderr
+    assert res.returncode == 2 and "unknown variant 'lorax'; choose from adalora" in res.stderr
 
 
 def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length():

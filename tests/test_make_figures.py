@@ -37,3 +37,19 @@ def test_the_optional_full_size_downstream_run_may_be_missing(tmp_path):
     assert "skipped downstream --paper" in res.stdout
     assert (tmp_path / "paper_figures" / "downstream.png").exists()
     assert (tmp_path / "results" / "downstream.md").exists()
+
+
+def test_every_variant_has_its_own_colour_and_marker_in_every_figure():
+    """The style of a variant depends on the registry alone, not on which variants a figure
+    shows; the variants that take a rank differ in colour and in marker, and full fine-tuning,
+    the reference, is black."""
+    import lowrank as lr
+    from lowrank import plots
+
+    every = plots.style_for(lr.variants())
+    ranked = [v for v in lr.variants() if lr.variant_class(v).takes_rank]
+    assert len({every[v]["color"] for v in ranked}) == len(ranked)
+    assert len({every[v]["marker"] for v in ranked}) == len(ranked)
+    assert every["full"] == plots.REFERENCE and plots.REFERENCE["color"] not in plots.PALETTE
+    for v in lr.variants():
+        assert plots.style_for([v, "lora"])[v] == every[v] == plots.style(v)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from studyutil import assert_figure, run_study
 
+import lowrank as lr
 from lowrank.sweep import RunSpec, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ def test_rank_ablation_quick_writes_csv_and_figure_and_redraws(tmp_path):
 
 def test_rank_ablation_help_explains_the_options():
     res = run("rank_ablation.py", "--help")
+    assert res.stdout.startswith("usage: rank_ablation.py ")  # the script's name, not the library's
     for flag in ("--quick", "--plot-only", "--workers", "--lr-grid", "--executor"):
         assert flag in res.stdout
 
@@ -52,6 +54,21 @@ def test_rank_ablation_rejects_unknown_names():
     res = subprocess.run([sys.executable, str(ROOT / "studies" / "rank_ablation.py"),
                           "--variants", "lorax"], capture_output=True, text=True)
     assert res.returncode != 0 and "unknown variant 'lorax'" in res.stderr
+
+
+def test_overhead_quick_measures_every_variant_and_redraws(tmp_path):
+    out, fig = tmp_path / "o.csv", tmp_path / "o"
+    res = run("overhead.py", "--quick", "--quiet", "--no-peft", "--out", str(out),
+              "--figure", str(fig))
+    assert " done (" not in res.stderr  # --quiet: no progress lines
+    df = pd.read_csv(out)
+    merged = {f"{v} (merged)" for v in lr.variants() if v != "full"}
+    assert set(df["config"]) == {"base", *lr.variants(), *merged}  # full has nothing to merge
+    assert (df["ratio_to_base"] > 0).all() and set(df["d"]) == {128}
+    assert_figure(fig)
+    fig.with_suffix(".png").unlink()
+    run("overhead.py", "--quick", "--plot-only", "--out", str(out), "--figure", str(fig))
+    assert_figure(fig)
 
 
 SPECS = [RunSpec("synthetic", "lora", r, 0, 1e-2, train={"steps": 10, "batch_size": 32})

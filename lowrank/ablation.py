@@ -1,0 +1,152 @@
+"""Rank ablation: every variant across ranks and seeds, each at its own dev-tuned learning rate.
+
+For every task, variant and rank, a learning rate is chosen on the dev split at seed 0 from a
+grid and reused for the other seeds (:func:`lowrank.sweep.tuned_sweep`); one row per run goes
+to a resumable CSV. The figure shows, per task, the test metric against the rank and against
+the trainable parameters, and the Pareto front over both, mean ± std over seeds, full
+fine-tuning (which takes no rank) as a band. :func:`main` is the command line of
+``studies/rank_ablation.py`` and of ``lowrank ablate``; :func:`run_ablation` the sweep and
+:func:`figure` the figure (``lowrank plot``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import plots, study, tasks
+from .sweep import RunSpec, tuned_sweep
+
+DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
+                    "vera"]
+DEFAULTS = {
+    "task": ["synthetic", "digits"],
+    "variants": DEFAULT_VARIANTS,
+    "ranks": [1, 2, 4, 8, 16, 32],
+    "seeds": 3,
+    "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1],
+    "steps": 300,
+    "batch_size": 64,
+}
+QUICK = {"task": ["synthetic"], "variants": ["full", "lora"], "ranks": [1, 4], "seeds": 1,
+         "lr_grid": [3e-2], "steps": 200}
+
+
+def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
+                 variants: Sequence[str] = DEFAULTS["variants"], ranks: Sequence[int] = DEFAULTS["ranks"],
+                 seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] = DEFAULTS["lr_grid"],
+                 steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
+                 task_options: dict | None = None, variant_options: dict | None = None,
+                 **execute: Any) -> pd.DataFrame:
+    """Run the ablation into the CSV ``out``, skipping the runs it already holds, and return
+    the rows at each (task, variant, rank)'s dev-chosen learning rate, every seed 0 … seeds−1.
+    ``execute`` goes to the sweep: ``workers``, ``executor``, ``scheduler``, ``progress``."""
+    # dev is evaluated once, after the last step: the learning rate is chosen on the final model
+    train = {"steps": steps, "batch_size": batch_size, "eval_every": steps}
+    specs = [RunSpec(t, v, r, seed=0, lr=0.0, train=train, task_options=task_options or {},
+                     variant_options=variant_options or {})
+             for t in task for v, r in study.grid(variants, ranks)]
+    return tuned_sweep(specs, lr_grid, list(range(seeds)), out, **execute)
+
+
+def _summary(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    g = df.groupby(["variant", "rank"], dropna=False)
+    return g.agg(mean=(col, "mean"), std=(col, "std"), n=(col, "size"),
+                 params=("trainable_params", "mean")).reset_index()
+
+
+def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Per task (row): metric vs rank (log₂), metric vs trainable parameters (log), and the
+    Pareto front across variants and ranks. Mean ± std over seeds; full fine-tuning is a band."""
+    df = df[df["status"] == "ok"]
+    tasks = list(dict.fromkeys(df["task"]))
+    if not tasks:
+        raise ValueError("no finished runs to plot; run the sweep first")
+    free = study.rank_free(df["variant"])  # drawn as bands
+    styles = plots.style_for(df["variant"].unique())
+    with plots.panels(len(tasks), 3, 2.2 * len(tasks)) as (fig, axes):
+        for row, task in zip(axes, tasks):
+            sub = df[df["task"] == task]
+            metric = sub["metric"].iloc[0]
+            higher = bool(sub["higher_is_better"].iloc[0])
+            s = _summary(sub, f"test_{metric}")
+            for ax in row[:2]:
+                for _, f in s[s["variant"].isin(free)].iterrows():
+                    plots.reference(ax, f["mean"], f["std"])
+            for variant, g in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
+                g = g.sort_values("rank")
+                for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
+                    ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=variant,
+                                capsize=1.5, **styles[variant])
+            row[0].set_xscale("log", base=2)
+            row[0].set_xlabel("rank r")
+            row[1].set_xscale("log")
+            row[1].set_xlabel("trainable parameters")
+            pts = s.dropna(subset=["mean"])
+            x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
+            front = plots.pareto_front(x, y, higher)
+            for variant, g in pts.groupby("variant"):
+                row[2].scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
+                               marker=styles[variant]["marker"], linewidths=0)
+            row[2].step(x[front], y[front], where="post", color="0.2", lw=1.0,
+                        label="Pareto front")
+            for i in front:
+                rank = pts["rank"].iloc[i]
+                row[2].annotate(pts["variant"].iloc[i] + ("" if pd.isna(rank) else f" r{int(rank)}"),
+                                (x[i], y[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+            row[2].set_xscale("log")
+            row[2].set_xlabel("trainable parameters")
+            for ax in row:
+                ax.set_ylabel(f"{task}: {plots.label(metric)}")
+                if metric in ("delta_error", "mse", "perplexity"):
+                    ax.set_yscale("log")
+        plots.legend_below(fig, axes, max_cols=6)
+        return plots.save(fig, stem)
+
+
+def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """The test metric's mean, std and count over seeds per (task, variant, rank)."""
+    ok = rows[rows["status"] == "ok"]
+    return (ok.assign(m=[r[f"test_{r['metric']}"] for r in ok.to_dict("records")])
+            .groupby(["task", "variant", "rank"], dropna=False)["m"].agg(["mean", "std", "count"]))
+
+
+def report(rows: pd.DataFrame) -> None:
+    """Print :func:`summary`."""
+    with pd.option_context("display.max_rows", 200, "display.width", 120):
+        print(summary(rows).round(4).to_string())
+
+
+def parser(root: str | os.PathLike = ".", prog: str | None = None) -> study.StudyParser:
+    """The ablation's command line; its outputs go under ``root`` (results/, paper_figures/)."""
+    p = study.StudyParser("rank_ablation", __doc__, root, prog=prog, defaults=DEFAULTS,
+                          presets={"quick": ("tiny smoke run (< 1 min)", QUICK)},
+                          epilog="Defaults finish in about 10 minutes on 2 CPU cores.")
+    p.add_argument("--task", nargs="+", type=study.task, metavar="TASK",
+                   help=f"tasks to run, from {', '.join(tasks.names())}")
+    p.add_argument("--task-options", type=study.json_object, default={}, metavar="JSON",
+                   help='options for every task, e.g. \'{"targets": "all-linear"}\' or '
+                        '\'{"max_train": 2000}\' (see each task\'s docstring)')
+    p.add_argument("--variant-options", type=study.json_object, default={}, metavar="JSON",
+                   help='options for every variant, e.g. \'{"alpha": 16, "dropout": 0.1}\'')
+    p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "workers",
+                 "executor")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".",
+         prog: str | None = None) -> int:
+    """Run (or with --plot-only, read) the ablation given by the command line ``argv``, print
+    the summary and draw the figure; returns the exit code."""
+    args = parser(root, prog).parse_args(argv)
+    rows = study.results(args, lambda: run_ablation(
+        args.out, task=args.task, variants=args.variants, ranks=args.ranks, seeds=args.seeds,
+        lr_grid=args.lr_grid, steps=args.steps, batch_size=args.batch_size,
+        task_options=args.task_options, variant_options=args.variant_options,
+        workers=args.workers, executor=args.executor, scheduler=args.scheduler,
+        progress=not args.quiet), tuned=True)
+    return study.finish(args, figure, rows, report=report)

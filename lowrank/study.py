@@ -1,0 +1,246 @@
+"""What every study shares: its command line, its (variant, rank) grid and its last step.
+
+A study trains or measures something, writes one tidy CSV to ``results/<name>.csv`` and draws
+one figure to ``paper_figures/<name>.{pdf,png}``, where the name is the study's and gains the
+preset's (``<name>_quick`` with ``--quick``). :func:`parser` gives every study script the same
+output options (--out, --figure, --plot-only, --quiet and the presets such as --quick, whose
+values an option given explicitly overrides) and, on request (:meth:`StudyParser.add_common`),
+the sweep's options: --variants (checked against the registry), --ranks, --seeds, --lr-grid,
+--steps, --batch-size, --workers, --executor with --scheduler, --threads. :func:`grid` lists a
+sweep's (variant, rank) pairs and :func:`finish` writes the outputs and prints the lines that
+``studies/make_figures.py`` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import tasks
+from .adapters import variant_class, variants
+from .files import atomic_path
+from .sweep import KEY, saved_results, tuned_rows, write_atomic
+
+RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a rank, a count of seeds, steps ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """argparse type: a positive, finite learning rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not a learning rate; pass a positive number "
+                                         "such as 1e-3")
+    return value
+
+
+def variant(text: str) -> str:
+    """argparse type: the name of a registered variant."""
+    if text not in variants():
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; choose from {', '.join(variants())}")
+    return text
+
+
+def task(text: str) -> str:
+    """argparse type: the name of a task."""
+    if text not in tasks.names():
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose from {', '.join(tasks.names())}")
+    return text
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object such as ``'{"alpha": 16}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; pass one such as "
+                                         "'{\"key\": 1}'")
+    return value
+
+
+# The options add_common adds: name → add_argument keywords (a study may give its own help).
+COMMON: dict[str, dict[str, Any]] = {
+    "variants": {"nargs": "+", "type": variant, "metavar": "VARIANT",
+                 "help": "variants to compare, from {variants}"},
+    "ranks": {"nargs": "+", "type": positive_int, "metavar": "R", "help": "ranks r"},
+    "seeds": {"type": positive_int, "help": "number of seeds (0 … n−1)"},
+    "lr_grid": {"nargs": "+", "type": learning_rate, "metavar": "LR",
+                "help": "learning rates searched per variant and rank on the dev split at seed 0 "
+                        "(the best is reused for the other seeds)"},
+    "steps": {"type": positive_int, "help": "optimiser steps per run"},
+    "batch_size": {"type": positive_int, "help": "training batch size"},
+    "workers": {"type": positive_int, "default": 2, "help": "parallel processes"},
+    "threads": {"type": positive_int, "default": 1, "help": "torch threads of this process"},
+    "executor": {"choices": ["local", "dask", "submitit"], "default": "local",
+                 "help": "local process pool, a dask.distributed cluster, or SLURM via submitit"},
+    "scheduler": {"default": None,
+                  "help": "dask scheduler address (--executor dask; default: a private local "
+                          "cluster), or submitit cluster 'slurm' or 'local' (default: SLURM if "
+                          "present)"},
+}
+
+
+def _setting(key: str, value: Any) -> str:
+    """``key`` set to ``value``, in the words of the command line."""
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, dict):
+        return f"{flag} {json.dumps(value)}"
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return " ".join([flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)])
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except the uninformative None and False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class StudyParser(argparse.ArgumentParser):
+    """The command line of the study ``name``: a description from ``doc``'s first paragraph,
+    every default shown in --help, outputs under ``root``, and the presets ``presets``
+    (``{"quick": (help, {option: value})}``): each is a flag that changes the defaults
+    ``defaults`` (values given explicitly still win) and the name of the outputs."""
+
+    def __init__(self, name: str, doc: str, root: str | os.PathLike, *,
+                 presets: dict[str, tuple[str, dict[str, Any]]], defaults: dict[str, Any] | None = None,
+                 prog: str | None = None, epilog: str | None = None, out: str = "results CSV",
+                 plot_only: str = "redraw the figure from the CSV, training nothing") -> None:
+        super().__init__(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
+                         formatter_class=_Help)
+        self.name, self.root, self.presets = name, Path(root), presets
+        self.results = self.root / RESULTS
+        self.defaults = dict(defaults or {})
+        outputs = self.add_argument_group("outputs and presets")
+
+        def default(folder: str, ext: str) -> str:
+            return "default " + "; ".join([f"{folder}/{name}{ext}",
+                                           *(f"{folder}/{name}_{k}{ext} with --{k}" for k in presets)])
+
+        outputs.add_argument("--out", type=Path, help=f"{out} ({default(RESULTS, '.csv')})")
+        outputs.add_argument("--figure", type=Path,
+                             help=f"figure path without extension ({default(FIGURES, '')})")
+        modes = outputs.add_mutually_exclusive_group() if len(presets) > 1 else outputs
+        for key, (text, values) in presets.items():
+            changes = ", ".join(_setting(k, v) for k, v in values.items() if self.defaults.get(k) != v)
+            modes.add_argument(f"--{key}", action="store_true",
+                               help=(f"{text}: {changes}" if changes else text).replace("%", "%%"))
+        outputs.add_argument("--plot-only", action="store_true", help=plot_only)
+        outputs.add_argument("--quiet", action="store_true", help="no progress output")
+
+    def add_common(self, *names: str, **helps: str) -> None:
+        """Add the shared options ``names`` (keys of :data:`COMMON`, in this order; "executor"
+        brings --scheduler); ``helps`` gives options their own help text (and adds those not
+        in ``names``)."""
+        for name in [*names, *(k for k in helps if k not in names)]:
+            for key in ("executor", "scheduler") if name == "executor" else (name,):
+                help = helps.get(key) or COMMON[key]["help"].format(variants=", ".join(variants()))
+                kw = {**COMMON[key], "help": help}
+                self.add_argument(f"--{key.replace('_', '-')}", **kw)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None):
+        argv = list(sys.argv[1:] if args is None else args)
+        flags = argparse.ArgumentParser(add_help=False)  # which preset sets the defaults
+        for key in self.presets:
+            flags.add_argument(f"--{key}", action="store_true")
+        on = [k for k, v in vars(flags.parse_known_args(argv)[0]).items() if v]
+        self.set_defaults(**{**self.defaults, **(self.presets[on[0]][1] if on else {})})
+        ns, rest = super().parse_known_args(argv, namespace)
+        ns.run_name = "_".join([self.name, *(k for k in self.presets if getattr(ns, k))])
+        ns.out = ns.out or self.results / f"{ns.run_name}.csv"
+        ns.figure = ns.figure or self.root / FIGURES / ns.run_name
+        ns.start = time.perf_counter()
+        return ns, rest
+
+
+def parser(script: str, doc: str, **options: Any) -> StudyParser:
+    """The :class:`StudyParser` of the study script at ``script`` (its ``__file__``): named
+    after the file, with its outputs under the repository that holds the studies/ folder."""
+    path = Path(script).resolve()
+    return StudyParser(path.stem, doc, path.parent.parent, prog=path.name, **options)
+
+
+def grid(names: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int | None]]:
+    """The (variant, rank) pairs of a sweep: each variant at every rank, and a variant that
+    takes no rank (full fine-tuning) once, at rank None."""
+    return [(v, r) for v in names for r in (ranks if variant_class(v).takes_rank else [None])]
+
+
+def rank_free(names: Iterable[str]) -> set[str]:
+    """The variants among ``names`` that take no rank (full fine-tuning): the reference that
+    figures draw as a line or band rather than as a curve over ranks."""
+    return {v for v in set(names) if not variant_class(v).takes_rank}
+
+
+def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY,
+            tuned: bool = False) -> pd.DataFrame | None:
+    """The rows a study reports: ``run()``, or with --plot-only the CSV at --out (with ``tuned``,
+    its rows at each search group's dev-chosen learning rate); None, after saying on stderr
+    that the study has to run first, when that CSV holds no rows."""
+    if not args.plot_only:
+        return run()
+    try:
+        df = saved_results(args.out, key=key)
+    except FileNotFoundError as e:
+        print(f"{e}; run without --plot-only first", file=sys.stderr)
+        return None
+    return tuned_rows(df) if tuned else df
+
+
+def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd.DataFrame | None, *,
+           report: Callable[[pd.DataFrame], object] | None = None, write: bool = False,
+           table: str | None = None, **options: Any) -> int:
+    """A study's last step: ``report(rows)`` (its printed summary), ``rows`` written to --out
+    (with ``write``; atomically) and the markdown ``table`` to ``args.table``, the figure
+    ``figure(rows, --figure, **options)``, and the ``results:``, ``table:`` and ``figure:``
+    lines, the elapsed time and the peak memory printed. Returns the exit code: 0, or 1 without
+    ``rows`` (:func:`results` has said why)."""
+    if rows is None:
+        return 1
+    if report is not None:
+        report(rows)
+    if write:
+        write_atomic(rows, args.out)
+    if table is not None:
+        with atomic_path(args.table) as tmp:
+            tmp.write_text(table)
+    paths = figure(rows, args.figure, **options)
+    print(f"results: {args.out}")
+    if table is not None:
+        print(f"table: {args.table}")
+    print(f"figure: {', '.join(map(str, paths))}")
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    print(f"elapsed {time.perf_counter() - args.start:.1f} s, peak memory of one process "
+          f"{peak:.0f} MiB")
+    return 0
