@@ -100,3 +100,13 @@ def test_an_unknown_measure_is_one_sentence():
     with pytest.raises(ValueError, match=r"measure \['spectra'\] is unknown; choose from weights"):
         run_one(RunSpec("digits", "lora", 2, 0, 1e-2, measure=("spectra",)))
     assert set(MEASURES) == {"weights", "robustness"}
+
+
+def test_every_row_carries_its_dev_curve():
+    spec = RunSpec("digits", "lora", 2, 0, 1e-2, train={"steps": 30, "batch_size": 64,
+                                                          "eval_every": 10})
+    row = run_one(spec)
+    curve = json.loads(row["dev_curve"])
+    assert [step for step, _ in curve] == [10, 20, 30]  # each evaluation, the last at the end
+    assert curve[-1][1] == pytest.approx(row["dev_accuracy"], rel=1e-5)  # 6 significant digits
+    assert all(0 <= acc <= 1 for _, acc in curve)

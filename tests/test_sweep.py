@@ -209,3 +209,62 @@ def test_each_spec_can_search_its_own_grid(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="grid of full .* is empty"):
         tuned_sweep(specs, lambda s: grids[s.variant] if s.variant == "lora" else [], [0], out,
                     progress=False)
+
+
+def peaked_at(best: float, calls: list | None = None):
+    """A stand-in run whose dev accuracy peaks at lr = ``best`` (−|log10 lr − log10 best|)."""
+    import math
+
+    def row(spec):
+        if calls is not None:
+            calls.append(spec.lr)
+        return {**fake_row(spec), "dev_accuracy": -abs(math.log10(spec.lr / best))}
+    return row
+
+
+def test_log_grid_is_half_decades_around_the_centre():
+    assert sw.log_grid(1e-2) == [1e-3, 0.00316228, 1e-2, 0.0316228, 1e-1]
+    assert sw.log_grid(1e-3, points=3, step=10) == [1e-4, 1e-3, 1e-2]
+    with pytest.raises(ValueError, match="centre > 0"):
+        sw.log_grid(0.0)
+
+
+def test_an_optimum_past_the_grid_is_followed_until_it_is_interior(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sw.results, "run_one", peaked_at(0.3, calls))
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=3, progress=False)
+    # 0.1 is the top edge → 0.1²/0.03 = 0.333 is tried; it is the best and again an edge →
+    # 0.333²/0.1 = 1.11 is tried; now 0.333 is interior and the search stops
+    assert sorted(set(read_results(out).query("seed == 0")["lr"])) == [1e-2, 3e-2, 1e-1, 0.333333,
+                                                                       1.11111]
+    assert set(res["lr"]) == {0.333333} and len(res) == 2
+    assert res["lr_selection"].str.endswith("; interior").all()
+    status = sw.search_status(read_results(out))
+    assert status["status"].tolist() == ["interior"] and status["lr"].tolist() == [0.333333]
+    n = len(calls)
+    tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=3, progress=False)
+    assert len(calls) == n  # resumed: every extension was already in the CSV
+
+
+def test_an_optimum_beyond_the_cap_is_reported_as_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(sw.results, "run_one", peaked_at(1e-5))
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0], out, extend=2, progress=False)
+    tried = sorted(set(read_results(out)["lr"]))
+    assert tried == [0.00111111, 0.00333333, 1e-2, 3e-2, 1e-1]  # two steps down, then the cap
+    assert res["lr"].tolist() == [0.00111111]
+    assert res["lr_selection"].str.endswith("; capped at the low edge after 2 extensions").all()
+    assert sw.search_status(read_results(out))["status"].tolist() == ["low edge"]
+
+
+def test_without_extension_the_grid_and_its_wording_are_as_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(sw.results, "run_one", peaked_at(1e-5))
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(1), [1e-2, 1e-1], [0], out, progress=False)
+    assert sorted(set(read_results(out)["lr"])) == [1e-2, 1e-1]
+    # the sentence every committed CSV holds, unchanged, so resumed studies rewrite nothing
+    assert res["lr_selection"].tolist() == [
+        "best dev accuracy of lr 0.01/0.1 at seed 0, reused for the other seeds"]
+    with pytest.raises(ValueError, match="extend=-1"):
+        tuned_sweep(grid(1), [1e-2], [0], out, extend=-1, progress=False)

@@ -20,7 +20,7 @@ from .executors import execute
 from .results import read_results, saved_results, sweep, write_atomic
 from .run import MEASURES, ROBUST_PGD_STEPS, run_one, training_hooks
 from .spec import GROUP, KEY, RunSpec, provenance
-from .tuning import LEGACY_GROUP, best_lr, groups, tuned_rows, tuned_sweep
+from .tuning import LEGACY_GROUP, best_lr, groups, log_grid, search_status, tuned_rows, tuned_sweep
 
 __all__ = [
     "GROUP",
@@ -32,10 +32,12 @@ __all__ = [
     "best_lr",
     "execute",
     "groups",
+    "log_grid",
     "provenance",
     "read_results",
     "run_one",
     "saved_results",
+    "search_status",
     "sweep",
     "training_hooks",
     "tuned_rows",

@@ -96,5 +96,12 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "train_seconds": round(result.train_seconds, 4),
         "peak_mem_mb": round(result.peak_mem_mb, 1),
         **result.metrics,
+        "dev_curve": dev_curve(result.history, row["selection_metric"]),
         **measured,
     }
+
+
+def dev_curve(history: list[dict[str, float]], metric: str) -> str:
+    """The dev ``metric`` after each evaluation as JSON [[step, value], …] (6 significant
+    digits), so a reader of the CSV sees whether the step budget converged."""
+    return json.dumps([[h["step"], float(f"{h[metric]:.6g}")] for h in history if metric in h])

@@ -41,30 +41,81 @@ def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
     return pick[["group", *LEGACY_GROUP, "lr"]].reset_index(drop=True)
 
 
+def log_grid(centre: float, points: int = 5, step: float = 10 ** 0.5) -> list[float]:
+    """``points`` learning rates centred on ``centre`` in geometric steps of ``step`` (default
+    half a decade): log_grid(1e-2) = [1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1]."""
+    if not (centre > 0 and step > 1 and isinstance(points, int) and points >= 1):
+        raise ValueError(f"log_grid(centre={centre!r}, points={points!r}, step={step!r}) needs "
+                         "centre > 0, an integer points >= 1 and step > 1")
+    return [float(f"{centre * step ** (k - (points - 1) / 2):.6g}") for k in range(points)]
+
+
+def search_status(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
+    """Per search group: the chosen learning rate (:func:`best_lr`), every rate tried at
+    ``search_seed`` (``tried``, sorted) and where the choice sits among them: ``"interior"``,
+    ``"low edge"``, ``"high edge"`` or ``"single rate"`` (nothing was searched)."""
+    chosen = best_lr(df, search_seed)
+    at_seed = df[df["seed"] == search_seed].assign(group=groups)
+    tried = at_seed.groupby("group")["lr"].apply(lambda s: sorted(set(s)))
+    chosen["tried"] = chosen["group"].map(tried)
+    chosen["status"] = [_where(lr, rates) for lr, rates in zip(chosen["lr"], chosen["tried"])]
+    return chosen
+
+
+def _where(lr: float, rates: Sequence[float]) -> str:
+    if len(rates) == 1:
+        return "single rate"
+    return "low edge" if lr == rates[0] else "high edge" if lr == rates[-1] else "interior"
+
+
+def _past_edge(status: str, rates: Sequence[float]) -> float | None:
+    """One geometric step beyond the edge the choice sits at (the step of the two rates there),
+    or None when the choice is interior (or nothing was searched)."""
+    if status == "low edge":
+        return float(f"{rates[0] ** 2 / rates[1]:.6g}")
+    if status == "high edge":
+        return float(f"{rates[-1] ** 2 / rates[-2]:.6g}")
+    return None
+
+
 def tuned_sweep(
     base: Sequence[RunSpec],
     lr_grid: Sequence[float] | Callable[[RunSpec], Sequence[float]],
     seeds: Sequence[int],
     out: str | os.PathLike,
+    extend: int = 0,
     **execute: Any,
 ) -> pd.DataFrame:
     """Per-variant learning-rate search on dev at ``seeds[0]``, then the other seeds at the best
     learning rate. ``base`` holds one spec per (task, variant, rank, options, training config);
     its seed and lr are replaced. ``lr_grid`` is one grid for all, or a function giving each
-    spec its own. Returns the rows of the chosen learning rates for every seed; in the CSV,
+    spec its own. With ``extend`` > 0, a group whose best dev score sits at an edge of the rates
+    it tried gets one more rate, a step past that edge, and the search repeats until every
+    choice is interior or a group has been extended ``extend`` times (then it is reported as
+    capped). Returns the rows of the chosen learning rates for every seed; in the CSV,
     ``lr_selected`` marks exactly those rows of these groups (a row chosen by an earlier,
     different grid loses the mark) and ``lr_selection`` says how they were chosen."""
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
+    if not (isinstance(extend, int) and extend >= 0):
+        raise ValueError(f"extend={extend!r}; pass the number of grid extensions, an integer >= 0")
     grids = {s.group_id: list(lr_grid(s) if callable(lr_grid) else lr_grid) for s in base}
     for s in base:
         if not grids[s.group_id]:
             raise ValueError(f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; "
                              "give it at least one rate")
-    search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
-    df = _with_groups(sweep(search, out, **execute), search)
-    chosen = best_lr(df[df[GROUP].isin(grids)], seeds[0])
-    lookup = dict(zip(chosen["group"], chosen["lr"]))
+    search: list[RunSpec] = []
+    for _ in range(extend + 1):
+        search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
+        df = _with_groups(sweep(search, out, **execute), search)
+        status = search_status(df[df[GROUP].isin(grids)], seeds[0]).set_index("group")
+        beyond = {g: _past_edge(status.at[g, "status"], status.at[g, "tried"]) for g in grids}
+        beyond = {g: x for g, x in beyond.items() if x is not None and x not in grids[g]}
+        if not extend or not beyond:
+            break
+        for g, x in beyond.items():
+            grids[g] = sorted([*grids[g], x])
+    lookup = status["lr"].to_dict()
     final = [replace(s, seed=seed, lr=lookup[s.group_id]) for s in base for seed in seeds]
     df = _with_groups(sweep(final, out, **execute), search + final)
     selected = df[KEY].isin({s.run_id for s in final})
@@ -76,9 +127,20 @@ def tuned_sweep(
     df["lr_selection"] = df["lr_selection"].where(df["lr_selected"], None)
     df.loc[selected, "lr_selection"] = [
         f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
-        "reused for the other seeds" for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])]
+        f"reused for the other seeds{_verdict(status.at[g, 'status'], extend)}"
+        for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])]
     write_atomic(df, out)
     return df[selected].copy()
+
+
+def _verdict(status: str, extend: int) -> str:
+    """What ``lr_selection`` adds about the search: nothing for a plain grid (``extend`` = 0,
+    as every committed CSV was made), else whether the choice is interior or capped."""
+    if not extend:
+        return ""
+    if status in ("interior", "single rate"):
+        return f"; {status}"
+    return f"; capped at the {status} after {extend} extensions"
 
 
 def _with_groups(df: pd.DataFrame, specs: Sequence[RunSpec]) -> pd.DataFrame:
