@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .adapters.base import Adapter
 from .inject import adapters
 from .tasks.base import HasAnalysis, HasInputBounds, HasLengths, Perturb, Task, TrainTask, evaluating
 
@@ -225,6 +226,58 @@ def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Ge
     return torch.cat([rows[torch.randperm(len(rows), generator=gen)].flatten(), order[full:]])
 
 
+def _optimiser(params: list[nn.Parameter], config: TrainConfig
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW on ``params``, its learning rate scaled by :func:`warmup_linear` at every step."""
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_linear(s, config.steps, config.warmup)
+    )
+    return opt, sched
+
+
+def _perturbation(task: TrainTask, config: TrainConfig) -> Perturb | None:
+    """The attack of ``config.adversarial`` inside the task's input bounds; None: clean training."""
+    bounds = task.input_bounds if isinstance(task, HasInputBounds) else None
+    if config.adversarial == "fgsm":
+        return fgsm(config.adv_eps, bounds)
+    if config.adversarial == "pgd":
+        return pgd(config.adv_eps, config.adv_steps, config.seed, bounds)
+    return None
+
+
+def _train_lengths(task: TrainTask, config: TrainConfig) -> Tensor | None:
+    """The train inputs' lengths when batches are grouped by length (``config.group_by_length``)."""
+    if not config.group_by_length:
+        return None
+    if not isinstance(task, HasLengths):
+        raise ValueError(f"group_by_length=True needs inputs of varying length; the "
+                         f"{type(task).__name__} task has none, so leave it False")
+    return task.lengths("train")
+
+
+def _objective(model: nn.Module, task: TrainTask, batch: tuple[Tensor, ...], config: TrainConfig,
+               perturb: Perturb | None, ads: Sequence[Adapter]) -> Tensor:
+    """The minimised loss: (1 − w)·L(batch) + w·L(perturbed batch) (w = ``config.adv_weight``;
+    the clean loss alone without ``perturb``), plus every adapter's ``penalty()``."""
+    loss = task.loss(model, batch)
+    if perturb is not None:
+        adv = task.loss(model, batch, perturb=perturb)
+        loss = (1 - config.adv_weight) * loss + config.adv_weight * adv
+    for ad in ads:
+        loss = loss + ad.penalty()
+    return loss
+
+
+def _final_metrics(model: nn.Module, task: TrainTask) -> dict[str, float]:
+    """``dev_*`` and ``test_*`` metrics of the trained model, and the task's analysis if it has one."""
+    metrics = {f"dev_{k}": v for k, v in task.evaluate(model, "dev").items()}
+    metrics.update({f"test_{k}": v for k, v in task.evaluate(model, "test").items()})
+    if isinstance(task, HasAnalysis):
+        metrics.update(task.analysis(model))
+    return metrics
+
+
 def train(
     model: nn.Module,
     task: TrainTask,
@@ -242,40 +295,21 @@ def train(
         raise ValueError("the model has no trainable parameters; inject adapters first")
     model.to(device).train()
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_linear(s, config.steps, config.warmup)
-    )
-    perturb = None
-    bounds = task.input_bounds if isinstance(task, HasInputBounds) else None
-    if config.adversarial == "fgsm":
-        perturb = fgsm(config.adv_eps, bounds)
-    elif config.adversarial == "pgd":
-        perturb = pgd(config.adv_eps, config.adv_steps, config.seed, bounds)
+    opt, sched = _optimiser(params, config)
+    perturb = _perturbation(task, config)
     train_set = task.split("train")
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     eval_every = config.eval_every or steps_per_epoch
     ads = list(adapters(model).values())
     history: list[dict[str, float]] = []
     quiet = config.quiet or not sys.stderr.isatty()
-    lengths = None
-    if config.group_by_length:
-        if not isinstance(task, HasLengths):
-            raise ValueError(f"group_by_length=True needs inputs of varying length; the "
-                             f"{type(task).__name__} task has none, so leave it False")
-        lengths = task.lengths("train")
-    batches = _batches(train_set, config.batch_size, gen, lengths)
+    batches = _batches(train_set, config.batch_size, gen, _train_lengths(task, config))
     start = time.perf_counter()
     with PeakMemory(device) as mem:
         bar = tqdm(range(config.steps), desc="train", disable=quiet, leave=False)
         for step in bar:
             batch = tuple(t.to(device) for t in next(batches))
-            loss = task.loss(model, batch)
-            if perturb is not None:
-                adv = task.loss(model, batch, perturb=perturb)
-                loss = (1 - config.adv_weight) * loss + config.adv_weight * adv
-            for ad in ads:
-                loss = loss + ad.penalty()
+            loss = _objective(model, task, batch, config, perturb, ads)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss became {loss.item()} at step {step} with lr={config.lr:g}; "
@@ -293,10 +327,7 @@ def train(
                 history.append({"step": step + 1, **task.evaluate(model, "dev")})
             bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
         seconds = time.perf_counter() - start
-        metrics = {f"dev_{k}": v for k, v in task.evaluate(model, "dev").items()}
-        metrics.update({f"test_{k}": v for k, v in task.evaluate(model, "test").items()})
-        if isinstance(task, HasAnalysis):
-            metrics.update(task.analysis(model))
+        metrics = _final_metrics(model, task)
     history.append({"step": config.steps, **{k[4:]: v for k, v in metrics.items()
                                               if k.startswith("dev_")}})
     return TrainResult(
