@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from . import plots, study, tasks
 from .sweep import RunSpec, tuned_sweep
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
                     "vera"]
@@ -59,6 +62,42 @@ def _summary(df: pd.DataFrame, col: str) -> pd.DataFrame:
                  params=("trainable_params", "mean")).reset_index()
 
 
+def _metric_vs_size(row: Sequence[Axes], s: pd.DataFrame, free: set[str],
+                    styles: dict[str, dict[str, str]]) -> None:
+    """The first two panels of a task's row: the summary ``s``'s metric vs rank (log₂) and vs
+    trainable parameters (log), one line per variant, the rank-free variants as bands."""
+    for ax in row[:2]:
+        for _, f in s[s["variant"].isin(free)].iterrows():
+            plots.reference(ax, f["mean"], f["std"])
+    for variant, g in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
+        g = g.sort_values("rank")
+        for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
+            ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=variant,
+                        capsize=1.5, **styles[variant])
+    row[0].set_xscale("log", base=2)
+    row[0].set_xlabel("rank r")
+    row[1].set_xscale("log")
+    row[1].set_xlabel("trainable parameters")
+
+
+def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str, str]]) -> None:
+    """Every (variant, rank) of the summary ``s`` at its trainable parameters (log), and the
+    Pareto front over both (:func:`lowrank.plots.pareto_front`), each point on it labelled."""
+    pts = s.dropna(subset=["mean"])
+    x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
+    front = plots.pareto_front(x, y, higher)
+    for variant, g in pts.groupby("variant"):
+        ax.scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
+                   marker=styles[variant]["marker"], linewidths=0)
+    ax.step(x[front], y[front], where="post", color="0.2", lw=1.0, label="Pareto front")
+    for i in front:
+        rank = pts["rank"].iloc[i]
+        ax.annotate(pts["variant"].iloc[i] + ("" if pd.isna(rank) else f" r{int(rank)}"),
+                    (x[i], y[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Per task (row): metric vs rank (log₂), metric vs trainable parameters (log), and the
     Pareto front across variants and ranks. Mean ± std over seeds; full fine-tuning is a band."""
@@ -72,34 +111,9 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         for row, task in zip(axes, tasks):
             sub = df[df["task"] == task]
             metric = sub["metric"].iloc[0]
-            higher = bool(sub["higher_is_better"].iloc[0])
             s = _summary(sub, f"test_{metric}")
-            for ax in row[:2]:
-                for _, f in s[s["variant"].isin(free)].iterrows():
-                    plots.reference(ax, f["mean"], f["std"])
-            for variant, g in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
-                g = g.sort_values("rank")
-                for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
-                    ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=variant,
-                                capsize=1.5, **styles[variant])
-            row[0].set_xscale("log", base=2)
-            row[0].set_xlabel("rank r")
-            row[1].set_xscale("log")
-            row[1].set_xlabel("trainable parameters")
-            pts = s.dropna(subset=["mean"])
-            x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
-            front = plots.pareto_front(x, y, higher)
-            for variant, g in pts.groupby("variant"):
-                row[2].scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
-                               marker=styles[variant]["marker"], linewidths=0)
-            row[2].step(x[front], y[front], where="post", color="0.2", lw=1.0,
-                        label="Pareto front")
-            for i in front:
-                rank = pts["rank"].iloc[i]
-                row[2].annotate(pts["variant"].iloc[i] + ("" if pd.isna(rank) else f" r{int(rank)}"),
-                                (x[i], y[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
-            row[2].set_xscale("log")
-            row[2].set_xlabel("trainable parameters")
+            _metric_vs_size(row, s, free, styles)
+            _pareto(row[2], s, bool(sub["higher_is_better"].iloc[0]), styles)
             for ax in row:
                 ax.set_ylabel(f"{task}: {plots.label(metric)}")
                 if metric in ("delta_error", "mse", "perplexity"):
