@@ -121,46 +121,58 @@ def measure(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t
 
 
-def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    base = nn.Linear(d, d).to(args.device, dtype)
-    base.requires_grad_(False)
-    big = d >= 4096
-    variants = [v for v in args.variants if not big or v in args.big_variants]
-    confs = configurations(base, rank, variants, peft=not args.no_peft)
-    x = torch.randn(args.tokens, d, device=args.device, dtype=dtype)
+def _forward(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The eval forward of ``m`` on ``x``, without autograd."""
+    def run() -> object:
+        with torch.no_grad():
+            return m(x)
+    return run
+
+
+def _forward_backward(m: nn.Module, xg: torch.Tensor) -> Callable[[], object]:
+    """The training forward+backward of ``m`` on ``xg`` (which requires grad), gradients cleared
+    after."""
+    def run() -> None:
+        m(xg).sum().backward()
+        xg.grad = None
+        for p in m.parameters():
+            p.grad = None
+    return run
+
+
+def _jobs(confs: dict[str, tuple[nn.Module, bool]], x: torch.Tensor
+          ) -> list[tuple[str, str, Callable[[], object]]]:
+    """(configuration, kind, call) for every measurement: each configuration's forward and,
+    if it trains, its forward+backward (on a copy of ``x`` that requires grad); modules in eval mode."""
     xg = x.clone().requires_grad_(True)
-    reps = max(3, args.reps // 3) if big else args.reps
-    times: dict[tuple[str, str], list[float]] = {}
-
-    def fwd(m: nn.Module) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return m(x)
-        return run
-
-    def fwd_bwd(m: nn.Module) -> Callable[[], object]:
-        def run() -> None:
-            m(xg).sum().backward()
-            xg.grad = None
-            for p in m.parameters():
-                p.grad = None
-        return run
-
     jobs = []
     for name, (m, trains) in confs.items():
         m.eval()
-        jobs.append((name, "forward", fwd(m)))
+        jobs.append((name, "forward", _forward(m, x)))
         if trains:
-            jobs.append((name, "forward+backward", fwd_bwd(m)))
+            jobs.append((name, "forward+backward", _forward_backward(m, xg)))
+    return jobs
+
+
+def _interleaved_times(jobs: list[tuple[str, str, Callable[[], object]]], reps: int, device: str
+                       ) -> dict[tuple[str, str], list[float]]:
+    """(configuration, kind) → seconds per round: one warm-up call each, then ``reps`` rounds
+    that run every job once in an order shuffled by a generator seeded with 0."""
     for _, _, fn in jobs:  # warm-up
         fn()
+    times: dict[tuple[str, str], list[float]] = {}
     rng = random.Random(0)
     for _ in range(reps):
         rng.shuffle(jobs)
         for name, kind, fn in jobs:
-            times.setdefault((name, kind), []).append(measure(fn, args.device))
+            times.setdefault((name, kind), []).append(measure(fn, device))
+    return times
+
+
+def _rows(times: dict[tuple[str, str], list[float]], d: int, rank: int, args: argparse.Namespace
+          ) -> list[dict]:
+    """One results row per (configuration, kind): median and minimum time, and the median over
+    rounds of its time's ratio to the base layer's and to PEFT DoRA's in the same round."""
     rows = []
     for (name, kind), ts in times.items():
         ref = times[("base", kind)]
@@ -175,9 +187,25 @@ def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
             "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
             **provenance(),
         })
+    return rows
+
+
+def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
+    """The rows of one shape: a d × d base Linear (seed 0), every configuration at ``rank``, a
+    batch of ``args.tokens`` rows; at d ≥ 4096 only ``args.big_variants`` and a third of the rounds."""
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    base = nn.Linear(d, d).to(args.device, dtype)
+    base.requires_grad_(False)
+    big = d >= 4096
+    variants = [v for v in args.variants if not big or v in args.big_variants]
+    confs = configurations(base, rank, variants, peft=not args.no_peft)
+    x = torch.randn(args.tokens, d, device=args.device, dtype=dtype)
+    reps = max(3, args.reps // 3) if big else args.reps
+    times = _interleaved_times(_jobs(confs, x), reps, args.device)
     del confs
     gc.collect()
-    return rows
+    return _rows(times, d, rank, args)
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
