@@ -36,7 +36,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -47,6 +49,9 @@ import lowrank as lr
 from lowrank import plots, study
 from lowrank.inject import find_targets
 from lowrank.sweep import RunSpec, read_results, tuned_sweep
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TASKS = ("digits", "mnist")
 RANKS = {"digits": [1, 4, 16, 64], "mnist": [1, 2, 4, 8]}
@@ -187,6 +192,103 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _means(sub: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, rank) of one task's rows: mean and std over seeds of accuracy (acc…),
+    forgetting (fgt…) and intruders (intr…), a NaN std (one seed) as 0."""
+    g = sub.groupby(["variant", "rank"], dropna=False)
+    stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
+    return pd.concat({f"{k}{a}": g[c].agg(a) for k, c in stats.items()
+                      for a in ("mean", "std")}, axis=1).fillna(0).reset_index()
+
+
+def _tuned(s: pd.DataFrame, free: set[str]) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each variant of ``s`` that takes a rank, with its rows sorted by rank."""
+    for variant, v in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
+        yield variant, v.sort_values("rank")
+
+
+def _marker_size(r: float, lo: float, hi: float) -> float:
+    """Marker area growing linearly in log₂ r from 12 at log₂ r = lo to 72 at hi."""
+    return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
+
+
+def _full_curve(ax: Axes, c: pd.DataFrame, xlim: tuple[float, float]) -> pd.Series:
+    """Full fine-tuning at every searched learning rate (``c``) as a dotted line, each point
+    inside ``xlim`` labelled with its rate unless that label would sit on another, the rates
+    outside listed; returns the forgetting of the points inside."""
+    ref = plots.REFERENCE["color"]
+    ax.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=ref, lw=0.8,
+            marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
+    inside = c["test_accuracy"].between(*xlim)
+    shown: list[tuple[float, float]] = []
+    for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
+                          c["lr"][inside]):
+        if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
+               for a, b in shown):  # no label on top of another
+            ax.annotate(f"{rate:g}", (x, y), fontsize=5, color=ref,
+                        xytext=(2, -6), textcoords="offset points")
+            shown.append((x, y))
+    if (~inside).any():
+        off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
+        ax.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
+                color=ref, transform=ax.transAxes, va="top")
+    return c.loc[inside, "test_forgetting"]
+
+
+def _trade_off(ax: Axes, sub: pd.DataFrame, s: pd.DataFrame, c: pd.DataFrame | None,
+               ranks: pd.Series, free: set[str], styles: dict[str, dict[str, str]], title: str) -> None:
+    """One task's accuracy-vs-forgetting panel: each tuned variant through its ranks (marker size:
+    rank), full fine-tuning a black star, full fine-tuning at every searched rate from ``c``."""
+    lo, hi = (np.log2(ranks.min()), np.log2(ranks.max())) if len(ranks) else (0, 1)
+    # the panel spans the tuned runs; full FT runs far to their left are listed instead
+    x0 = (s["accmean"] - s["accstd"]).min()
+    x1 = (s["accmean"] + s["accstd"]).max()
+    xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
+    ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
+    ax.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
+               lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
+    if c is not None and len(c):
+        ys.append(_full_curve(ax, c, xlim))
+    y = pd.concat(ys)
+    pad = 0.06 * (y.max() - y.min()) + 0.01
+    ax.set_xlim(*xlim)
+    ax.set_ylim(y.min() - pad, y.max() + pad)
+    for variant, v in _tuned(s, free):
+        st = styles[variant]
+        ax.errorbar(v["accmean"], v["fgtmean"], xerr=v["accstd"], yerr=v["fgtstd"],
+                    color=st["color"], lw=0.7, alpha=0.8, capsize=1.2, zorder=2)
+        ax.scatter(v["accmean"], v["fgtmean"], s=[_marker_size(r, lo, hi) for r in v["rank"]],
+                   color=st["color"], marker=st["marker"], zorder=3, linewidths=0,
+                   label=variant)
+    for _, f in s[s["variant"].isin(free)].iterrows():
+        ax.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
+                    **plots.REFERENCE, markersize=10, ls="none", capsize=1.5, zorder=4,
+                    label="full fine-tuning (tuned lr)")
+    ax.set_title(title + " (marker size: rank)")
+    ax.set_xlabel("new-task test accuracy")
+    ax.set_ylabel("forgetting: old-task test accuracy lost")
+
+
+def _intruder_panel(ax: Axes, s: pd.DataFrame, ranks: pd.Series, free: set[str],
+                    styles: dict[str, dict[str, str]], n_layers: int) -> None:
+    """One task's intruder dimensions (summed over its ``n_layers`` layers) vs rank (log₂), one
+    line per tuned variant, full fine-tuning a band."""
+    for variant, v in _tuned(s, free):
+        ax.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=variant,
+                    capsize=1.5, **styles[variant])
+    for _, f in s[s["variant"].isin(free)].iterrows():
+        plots.reference(ax, f["intrmean"], f["intrstd"], "full fine-tuning (tuned lr)",
+                        color=plots.REFERENCE["color"])
+    ax.set_xscale("log", base=2)
+    if len(ranks):
+        ticks = sorted({int(r) for r in ranks})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel("rank r")
+    ax.set_ylabel(f"intruder dimensions (sum over {n_layers} layers)")
+    ax.set_ylim(bottom=0)
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
            titles: dict[str, str] | None = None) -> list[Path]:
     """Per task (column): new-task test accuracy vs forgetting (old-task accuracy lost), one line
@@ -202,77 +304,14 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
     titles = titles or {}
     free = study.rank_free(df["variant"])
     styles = plots.style_for(df["variant"].unique())
-    ref = plots.REFERENCE["color"]  # full fine-tuning
-    stats = {"acc": "test_accuracy", "fgt": "test_forgetting", "intr": "intruders"}
     with plots.panels(2, len(tasks), 5.2) as (fig, axes):
         for col, task in enumerate(tasks):
             sub = df[df["task"] == task]
-            g = sub.groupby(["variant", "rank"], dropna=False)
-            s = pd.concat({f"{k}{a}": g[c].agg(a) for k, c in stats.items()
-                           for a in ("mean", "std")}, axis=1).fillna(0).reset_index()
-            top, bottom = axes[0, col], axes[1, col]
+            s = _means(sub)
             ranks = s.loc[~s["variant"].isin(free), "rank"].dropna()
-            lo, hi = (np.log2(ranks.min()), np.log2(ranks.max())) if len(ranks) else (0, 1)
-
-            def size(r: float, lo: float = lo, hi: float = hi) -> float:
-                return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
-
-            # the panel spans the tuned runs; full FT runs far to their left are listed instead
-            x0 = (s["accmean"] - s["accstd"]).min()
-            x1 = (s["accmean"] + s["accstd"]).max()
-            xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
-            ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
-            top.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
-                        lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
-            if curve is not None and len(c := curve[curve["task"] == task].sort_values("lr")):
-                top.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=ref, lw=0.8,
-                         marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
-                inside = c["test_accuracy"].between(*xlim)
-                ys.append(c.loc[inside, "test_forgetting"])
-                shown: list[tuple[float, float]] = []
-                for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
-                                      c["lr"][inside]):
-                    if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
-                           for a, b in shown):  # no label on top of another
-                        top.annotate(f"{rate:g}", (x, y), fontsize=5, color=ref,
-                                     xytext=(2, -6), textcoords="offset points")
-                        shown.append((x, y))
-                if (~inside).any():
-                    off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
-                    top.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
-                             color=ref, transform=top.transAxes, va="top")
-            y = pd.concat(ys)
-            pad = 0.06 * (y.max() - y.min()) + 0.01
-            top.set_xlim(*xlim)
-            top.set_ylim(y.min() - pad, y.max() + pad)
-            for variant, v in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
-                v = v.sort_values("rank")
-                st = styles[variant]
-                top.errorbar(v["accmean"], v["fgtmean"], xerr=v["accstd"], yerr=v["fgtstd"],
-                             color=st["color"], lw=0.7, alpha=0.8, capsize=1.2, zorder=2)
-                top.scatter(v["accmean"], v["fgtmean"], s=[size(r) for r in v["rank"]],
-                            color=st["color"], marker=st["marker"], zorder=3, linewidths=0,
-                            label=variant)
-                bottom.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=variant,
-                                capsize=1.5, **st)
-            for _, f in s[s["variant"].isin(free)].iterrows():
-                top.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
-                             **plots.REFERENCE, markersize=10, ls="none", capsize=1.5, zorder=4,
-                             label="full fine-tuning (tuned lr)")
-                plots.reference(bottom, f["intrmean"], f["intrstd"], "full fine-tuning (tuned lr)",
-                                color=ref)
-            top.set_title(titles.get(task, task) + " (marker size: rank)")
-            top.set_xlabel("new-task test accuracy")
-            top.set_ylabel("forgetting: old-task test accuracy lost")
-            bottom.set_xscale("log", base=2)
-            if len(ranks):
-                ticks = sorted({int(r) for r in ranks})
-                bottom.set_xticks(ticks, [str(t) for t in ticks])
-                bottom.xaxis.set_minor_locator(ticker.NullLocator())
-            bottom.set_xlabel("rank r")
-            n = int(sub["n_layers"].max())
-            bottom.set_ylabel(f"intruder dimensions (sum over {n} layers)")
-            bottom.set_ylim(bottom=0)
+            c = None if curve is None else curve[curve["task"] == task].sort_values("lr")
+            _trade_off(axes[0, col], sub, s, c, ranks, free, styles, titles.get(task, task))
+            _intruder_panel(axes[1, col], s, ranks, free, styles, int(sub["n_layers"].max()))
         plots.legend_below(fig, axes, max_cols=6)
         return plots.save(fig, stem)
 
