@@ -7,8 +7,8 @@ equal ``F.linear(x, merged_weight(), base.bias)`` in eval mode, which the test s
 for every registered variant.
 
 One forward serves every variant: the base layer computes y = W₀x + b, and
-:meth:`Adapter.add_adapter` adds the adapter branch, which a variant supplies as a product h Mᵀ
-(:meth:`Adapter.branch`: (x, ΔW) by default, (Ax, s·B) for the low-rank ones), in one GEMM.
+:meth:`Adapter.add_adapter` adds the adapter branch, which a variant supplies as a product s·h Mᵀ
+(:meth:`Adapter.branch`: (x, ΔW, 1) by default, (Ax, B, s) for the low-rank ones), in one GEMM.
 A hook on the base layer sees W₀x + b: the sum is written into y only when no hook can see it.
 """
 
@@ -57,8 +57,9 @@ def widen(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def add_product(y: Tensor, h: Tensor, M: Tensor, inplace: bool = False) -> Tensor:
-    """y + h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
+def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, inplace: bool = False
+                ) -> Tensor:
+    """y + s·h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
 
     Out of place (``torch.addmm``, on autocast's lower-precision list, so under autocast it
     casts y, h and M itself), ``y`` is left as it was. ``inplace=True`` adds into ``y`` (one
@@ -66,9 +67,10 @@ def add_product(y: Tensor, h: Tensor, M: Tensor, inplace: bool = False) -> Tenso
     autocast's, so h and M are cast to y's dtype here, which is a no-op without autocast.
     """
     y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-    if inplace:
-        return y2.addmm_(h2.to(y.dtype), M.mT.to(y.dtype)).view(y.shape)
-    return torch.addmm(y2, h2, M.mT).view(y.shape)
+    if inplace and y.is_contiguous():  # y2 is a view of y
+        y2.addmm_(h2.to(y.dtype), M.mT.to(y.dtype), alpha=s)
+        return y  # y, not the view: autograd through a view of a modified tensor costs a pass
+    return torch.addmm(y2, h2, M.mT, alpha=s).view(y.shape)
 
 
 def runs_without_hooks(module: nn.Module) -> bool:
@@ -209,15 +211,16 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ----------------------------------------------------------------- forward
-    def branch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(h, M) with the adapter branch h Mᵀ for the (dropped-out) input x: by default (x, ΔW);
-        low-rank variants return (x Aᵀ, s·B), so that the branch costs O(r) per token."""
-        return x, self.delta_weight()
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """(h, M, s) with the adapter branch s·h Mᵀ for the (dropped-out) input x: by default
+        (x, ΔW, 1); low-rank variants return (x Aᵀ, B, s), so the branch costs O(r) per token."""
+        return x, self.delta_weight(), 1.0
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         """The adapter branch alone, (merged_weight() − base.weight)·x: ΔW x, or s·BAx on a
         residual base (pissa)."""
-        return F.linear(*self.branch(x))
+        h, M, s = self.branch(x)
+        return F.linear(h, M) * s
 
     def add_adapter(self, y: Tensor, x: Tensor) -> Tensor:
         """y + the adapter branch for x, in y's dtype, for y = W₀x + b the base layer's output.

@@ -30,7 +30,7 @@ class DoRA(LowRankAdapter):
     those).
 
     The forward never builds the merged weight: it rescales the base output y = W₀x + b to
-    g⊙(y − b) + b and adds (Ax)(g·s·B)ᵀ in the same GEMM (PEFT's formula). Dropout follows PEFT:
+    g⊙(y − b) + b and adds (Ax)(g·s·B)ᵀ to that in one GEMM (PEFT's formula). Dropout follows PEFT:
     with dropout active (training, p > 0) the whole correction sees the dropped input,
     y + (g−1)⊙(W₀x̃) + g⊙sB(Ax̃) with x̃ = dropout(x), which costs a second product with W₀.
     """
@@ -89,5 +89,5 @@ class DoRA(LowRankAdapter):
         else:  # g⊙(y − b) + b, written so that g = 1 returns y bit for bit
             out = torch.addcmul(bias * (1 - g), g, y)
         # out is this call's own tensor (float32 under autocast, as g is): add into it in place
-        M = self.B * (g * self.scale)[:, None]
-        return add_product(out, F.linear(x, self.A), M, inplace=True).to(y.dtype)
+        h, gB = F.linear(x, self.A), self.B * g[:, None]
+        return add_product(out, h, gB, self.scale, inplace=True).to(y.dtype)

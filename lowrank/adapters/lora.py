@@ -79,9 +79,9 @@ class LowRankAdapter(Adapter):
         w = self.base_weight
         return (widen(w) + widen(self.product())).to(w.dtype)
 
-    def branch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # s·B(Ax) = (Ax)(s·B)ᵀ: the branch on top of the (possibly residual) base is s·BA
-        return F.linear(x, self.A), self.B * self.scale
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        # s·B(Ax): the branch on top of the (possibly residual) base is s·BA
+        return F.linear(x, self.A), self.B, self.scale
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
