@@ -158,3 +158,14 @@ def test_merged_under_autocast_agrees_with_unmerged(name):
         lr.merge_all(model)
         merged = model(X)
     assert rel_diff(y, merged) <= TOL_PEFT, name
+
+
+def test_dora_norm_cached_under_autocast_is_the_float32_norm():
+    """DoRA caches ‖W₀ + sBA‖_row in eval mode; an autocast forward must not leave a bf16-rounded
+    norm behind for later float32 calls: the norm is a property of the weights."""
+    ad = lr.adapters(ours("dora"))["v"].eval()
+    with autocast():
+        ad(torch.randn(3, 10))  # caches the norm
+    cached = ad.weight_norm()
+    ad.clear_cache()
+    assert torch.equal(cached, ad.weight_norm())

@@ -57,8 +57,8 @@ def widen(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, inplace: bool = False
-                ) -> Tensor:
+def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, *,
+                inplace: bool = False) -> Tensor:
     """y + s·h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
 
     Out of place (``torch.addmm``, on autocast's lower-precision list, so under autocast it
@@ -232,7 +232,8 @@ class Adapter(nn.Module):
         return add_product(y, *self.branch(x), inplace=runs_without_hooks(self.base))
 
     def forward(self, x: Tensor) -> Tensor:
-        """W₀x + b + ΔW·dropout(x); once merged, the base layer alone."""
+        """The base layer's output plus the adapter branch of dropout(x) (W₀x + b + ΔW x without
+        dropout); once merged, the base layer alone."""
         y = self.base(x)
         if self.merged:
             return y

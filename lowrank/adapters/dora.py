@@ -62,7 +62,7 @@ class DoRA(LowRankAdapter):
         if not self.training and key == self._norm_key:
             return self._norm
         with torch.no_grad(), torch.autocast(w0.device.type, enabled=False):
-            v = widen(w0) + self.scale * (widen(self.B) @ widen(self.A))
+            v = widen(w0) + widen(self.product())
             norm = torch.linalg.vector_norm(v, dim=1).to(w0.dtype)
         if self.training:
             self.clear_cache()
