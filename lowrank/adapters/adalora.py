@@ -58,8 +58,8 @@ class AdaLoRA(Adapter):
     def delta_weight(self) -> Tensor:
         return (self.P * self.lam) @ self.Q * self.scale
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.Q) * self.lam, self.P) * self.scale
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        return F.linear(x, self.Q) * self.lam, self.P, self.scale
 
     def penalty(self) -> Tensor:
         eye = torch.eye(self.rank, dtype=self.P.dtype, device=self.P.device)

@@ -5,6 +5,11 @@ learned update ΔW:  y = W₀x + b + ΔW x.  Every variant defines ΔW in exactl
 :meth:`Adapter.delta_weight`; forward passes may take a cheaper route (x → A → B) but must
 equal ``F.linear(x, merged_weight(), base.bias)`` in eval mode, which the test suite checks
 for every registered variant.
+
+One forward serves every variant: the base layer computes y = W₀x + b, and
+:meth:`Adapter.add_adapter` adds the adapter branch, which a variant supplies as a product s·h Mᵀ
+(:meth:`Adapter.branch`: (x, ΔW, 1) by default, (Ax, B, s) for the low-rank ones), in one GEMM.
+A hook on the base layer sees W₀x + b: the sum is written into y only when no hook can see it.
 """
 
 from __future__ import annotations
@@ -85,6 +90,40 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         level, frame = level + 1, frame.f_back
     return level
+
+
+def widen(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (half types widened, float64 kept): weights are summed in this
+    dtype and rounded once to the layer's."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, *,
+                inplace: bool = False) -> Tensor:
+    """y + s·h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
+
+    Out of place (``torch.addmm``, on autocast's lower-precision list, so under autocast it
+    casts y, h and M itself), ``y`` is left as it was. ``inplace=True`` adds into ``y`` (one
+    pass over the output fewer), for a ``y`` that nothing else can see; in-place ops are not
+    autocast's, so h and M are cast to y's dtype here, which is a no-op without autocast.
+    """
+    y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+    if inplace and y.is_contiguous():  # y2 is a view of y
+        y2.addmm_(h2.to(y.dtype), M.mT.to(y.dtype), alpha=s)
+        return y  # y, not the view: autograd through a view of a modified tensor costs a pass
+    return torch.addmm(y2, h2, M.mT, alpha=s).view(y.shape)
+
+
+def runs_without_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs no hook: PyTorch's own condition for skipping the hook
+    machinery in ``nn.Module.__call__`` (the module's and the global forward, forward-pre,
+    backward and backward-pre hooks). Only then is its output a temporary no one else sees: a
+    forward hook may keep it, a backward hook returns it as a view of a custom Function."""
+    g = nn.modules.module
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or g._global_forward_hooks
+                or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -245,14 +284,13 @@ class Adapter(nn.Module):
         return self.base_weight
 
     def delta_weight(self) -> Tensor:
-        """ΔW = merged_weight() − W₀, shape (out, in): the single source of truth."""
+        """ΔW, shape (out, in), measured from W₀: the single source of truth of the variant's maths."""
         raise NotImplementedError
 
     def merged_weight(self) -> Tensor:
         """W₀ + ΔW, accumulated in at least float32 and cast once to the layer's dtype."""
         w0 = self.w0
-        acc = torch.promote_types(w0.dtype, torch.float32)
-        return (w0.to(acc) + self.delta_weight().to(acc)).to(w0.dtype)
+        return (widen(w0) + widen(self.delta_weight())).to(w0.dtype)
 
     def penalty(self) -> Tensor:
         """Regulariser to add to the loss (0 when the variant has none)."""
@@ -263,14 +301,33 @@ class Adapter(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ----------------------------------------------------------------- forward
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """(h, M, s) with the adapter branch s·h Mᵀ for the (dropped-out) input x: by default
+        (x, ΔW, 1); low-rank variants return (x Aᵀ, B, s), so the branch costs O(r) per token."""
+        return x, self.delta_weight(), 1.0
+
     def adapter_forward(self, x: Tensor) -> Tensor:
-        """ΔW x for the (already dropped-out) input; variants override with a cheaper route."""
-        return F.linear(x, self.delta_weight())
+        """The adapter branch alone, (merged_weight() − base.weight)·x: ΔW x, or s·BAx on a
+        residual base (pissa)."""
+        h, M, s = self.branch(x)
+        return F.linear(h, M) * s
+
+    def add_adapter(self, y: Tensor, x: Tensor) -> Tensor:
+        """y + the adapter branch for x, in y's dtype, for y = W₀x + b the base layer's output.
+
+        One GEMM: the branch's last product adds into y. If a hook can see y (a probe on the base
+        layer) the sum goes to a new tensor and y stays W₀x + b; otherwise y is this call's own
+        temporary and the sum is written into it, which saves a pass over the output.
+        """
+        return add_product(y, *self.branch(x), inplace=runs_without_hooks(self.base))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The base layer's output plus the adapter branch of dropout(x) (W₀x + b + ΔW x without
+        dropout); once merged, the base layer alone."""
+        y = self.base(x)
         if self.merged:
-            return self.base(x)
-        return self.base(x) + self.adapter_forward(self.dropout(x))
+            return y
+        return self.add_adapter(y, self.dropout(x))
 
     # ----------------------------------------------------------------- merge
     @torch.no_grad()

@@ -104,8 +104,12 @@ class LoKr(Adapter):
     def adapter_forward(self, x: Tensor) -> Tensor:
         (a, c), (b, d) = self.kron_shapes
         X = x.reshape(*x.shape[:-1], c, d)
-        Y = self.C @ F.linear(F.linear(X, self.A), self.B)  # (…, a, b)
-        return Y.reshape(*x.shape[:-1], a * b) * self.scale
+        Y = self.C @ F.linear(F.linear(X, self.A), self.B * self.scale)  # (…, a, b)
+        return Y.reshape(*x.shape[:-1], a * b)
+
+    def add_adapter(self, y: Tensor, x: Tensor) -> Tensor:
+        # The Kronecker route ends in a batched product, not one GEMM into y: add after it.
+        return y + self.adapter_forward(x)
 
     def config(self) -> dict:
         return {**super().config(), "factor": self.factor}

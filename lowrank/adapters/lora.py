@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, register
+from .base import Adapter, register, widen
 
 
 class LowRankAdapter(Adapter):
@@ -57,8 +57,8 @@ class LowRankAdapter(Adapter):
         """Set B = B₀, A = A₀ and replace the frozen base by W_res = W₀ − s·B₀A₀ (a new module,
         so the caller's Linear is never modified)."""
         w0, bias = self.base.weight, self.base.bias
-        acc = torch.promote_types(w0.dtype, torch.float32)
-        residual = w0.to(acc) - self.scale * (B0.to(acc) @ A0.to(acc))
+        w = widen(w0)
+        residual = w - self.scale * (B0.to(w) @ A0.to(w))
         new = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                         device=w0.device, dtype=w0.dtype)
         new.weight = nn.Parameter(residual.to(w0.dtype), requires_grad=False)
@@ -90,20 +90,11 @@ class LowRankAdapter(Adapter):
     def merged_weight(self) -> Tensor:
         # base + s·BA directly: with a residual base this avoids adding and removing s·B₀A₀.
         w = self.base_weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        return (w.to(acc) + self.product().to(acc)).to(w.dtype)
+        return (widen(w) + widen(self.product())).to(w.dtype)
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.A), self.B) * self.scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        h = F.linear(self.dropout(x), self.A)
-        # y += s·h Bᵀ in one fused GEMM, in place: linear's backward does not need its output.
-        y.view(-1, self.out_features).addmm_(h.reshape(-1, self.rank), self.B.mT, alpha=self.scale)
-        return y
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        # s·B(Ax): the branch on top of the (possibly residual) base is s·BA
+        return F.linear(x, self.A), self.B, self.scale
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:

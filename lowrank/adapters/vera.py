@@ -98,8 +98,9 @@ class VeRA(Adapter):
     def delta_weight(self) -> Tensor:
         return (self.b[:, None] * self.B) @ (self.d[:, None] * self.A)
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        return self.b * F.linear(self.d * F.linear(x, self.A), self.B)
+    def branch(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        # b ⊙ B(d ⊙ Ax) = (d ⊙ Ax)(b ⊙ B)ᵀ
+        return self.d * F.linear(x, self.A), self.b[:, None] * self.B, 1.0
 
     def config(self) -> dict:
         return {**super().config(), "d_initial": self.d_initial,
