@@ -7,12 +7,22 @@ inputs (shape (out,)) and m ∈ ℝ^{out} is a trained magnitude. With g = m / �
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Adapter, add_product, register, widen
 from .lora import LowRankAdapter
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device``; nothing to switch off where autocast does not exist
+    (the meta device of a model built before its weights)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @register
@@ -61,7 +71,7 @@ class DoRA(LowRankAdapter):
             self.scale, w0.dtype, torch.is_inference_mode_enabled())
         if not self.training and key == self._norm_key:
             return self._norm
-        with torch.no_grad(), torch.autocast(w0.device.type, enabled=False):
+        with torch.no_grad(), _without_autocast(w0.device):
             v = widen(w0) + widen(self.product())
             norm = torch.linalg.vector_norm(v, dim=1).to(w0.dtype)
         if self.training:
