@@ -1,12 +1,16 @@
 """The downstream text study: budget matching against a brute-force count, and --quick end to end."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from studyutil import load_study
+from studyutil import assert_figure, load_study
+
+from lowrank.sweep import encode_correct, read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "downstream.py"
@@ -70,6 +74,25 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert fig.with_suffix(".png").exists() and len(pd.read_csv(out)) == len(df)
+    assert table.read_text() == md
+
+    # --intervals: the same plan with per-example predictions (new runs beside the old ones)
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--intervals"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    new = read_results(out)
+    assert len(new) == len(df) + 2 and new["test_correct"].notna().sum() == 2
+    assert {len(c) for c in new["test_correct"].dropna()} == {48}  # every test sentence
+    shown = table.read_text()
+    assert "| test accuracy | Δ vs LoRA [95 % CI] | p (Holm) | test macro-F1 |" in shown
+    assert re.search(r"\| lora \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
+    assert re.search(r"\| vera \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
+                     r"(\d\.\d{3}|< 0\.001)\*? \|", shown)
+    assert_figure(fig.with_name("d_intervals"))
+    # without the flag the table is drawn from the runs without predictions, as before
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and table.read_text() == md, res.stderr[-3000:]
 
 
 def test_help_and_bad_input():
@@ -90,7 +113,7 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
     assert ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]).lr_grid == {"*": [1e-3, 1e-2]}
     assert not ds.parse([]).group_by_length
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
-    specs, _, _ = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "--ranks"]))
+    specs, _, _, _ = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "--ranks"]))
     assert [s.train["group_by_length"] for s in specs] == [True] * 4  # 2 datasets × 2 methods
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
@@ -110,3 +133,48 @@ def test_seconds_per_epoch_is_the_median_over_seeds():
                          "peak_mem_mb": 1.0})
     assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3",
                                                                  "1e-2"]))
+
+
+def scored_rows(correct: dict) -> pd.DataFrame:
+    """Table rows of one dataset with ``test_correct``: {(variant, rank): [scores per seed]}."""
+    rows = [{"dataset": "movies", "variant": v, "rank": r, "seed": seed, "test_correct": encode_correct(c),
+             "test_accuracy": 0.8, "test_macro_f1": 0.5, "trainable_params": 100, "lr": 1e-2,
+             "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0}
+            for (v, r), seeds in correct.items() for seed, c in enumerate(seeds)]
+    return pd.DataFrame(rows)
+
+
+def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for_a_planted_gap(tmp_path):
+    ds = study()
+    rng = np.random.default_rng(0)
+    lora = [rng.random(2000) < 0.8 for _ in range(3)]
+    better = []
+    for c in lora:  # 100 of the examples LoRA gets wrong made right: +5 points in every seed
+        c = c.copy()
+        c[rng.choice(np.flatnonzero(~c), 100, replace=False)] = True
+        better.append(c)
+    rows = scored_rows({("lora", 8): lora, ("dora", 8): [c.copy() for c in lora],
+                        ("vera", 384): better, ("loha", 8): lora[:2]})
+    references = {("dora", 8): 8, ("vera", 384): 8, ("loha", 8): 8, ("full", None): 8}
+    diffs = ds.comparisons(rows, references).set_index("variant")
+    assert set(diffs.index) == {"dora", "vera", "loha"}  # full has no runs here
+    assert diffs.loc["dora", ["diff", "low", "high"]].tolist() == [0.0, 0.0, 0.0]
+    assert diffs.loc["dora", "p_holm"] == 1.0 and not diffs.loc["dora", "significant"]
+    assert diffs.loc["loha", "seeds"] == 2 and diffs.loc["loha", "diff"] == 0.0  # paired seeds only
+    assert diffs.loc["vera", "diff"] == pytest.approx(5.0, abs=1e-9)  # 100/2000 exactly, in points
+    assert 0 < diffs.loc["vera", "low"] < 5.0 < diffs.loc["vera", "high"]
+    # no replicate reaches 0: p = 1/(1 + 10,000) before Holm's factor of 3
+    assert diffs.loc["vera", "p_holm"] == pytest.approx(3 / 10_001) and diffs.loc["vera", "significant"]
+    args = ds.parse(["--lr-grid", "1e-2"])
+    md = ds.table(rows, {}, 10_000, args, ds.comparisons(rows, references))
+    assert "| dora | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
+    assert re.search(r"\| vera \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
+    assert "| lora | 8 |" in md and "| reference | — |" in md
+    assert "Holm-adjusted over the 3 comparisons of each dataset; * p < 0.05." in md
+    plain = rows.drop(columns="test_correct")  # runs without predictions: the table as before
+    assert ds.table(plain, {}, 10_000, args, ds.comparisons(plain, references)) == ds.table(
+        plain, {}, 10_000, args)
+    assert "Δ vs LoRA" not in ds.table(plain, {}, 10_000, args)
+    paths = ds.figure(rows, tmp_path / "d", diffs=ds.comparisons(rows, references))
+    assert [p.name for p in paths] == ["d.pdf", "d.png", "d_intervals.pdf", "d_intervals.png"]
+    assert_figure(tmp_path / "d_intervals")
