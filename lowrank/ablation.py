@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from . import plots, study, tasks
-from .sweep import RunSpec, tuned_sweep
+from .sweep import RunSpec, read_results, tuned_sweep
 
 DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
                     "vera"]
@@ -149,4 +149,4 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".",
         task_options=args.task_options, variant_options=args.variant_options,
         workers=args.workers, executor=args.executor, scheduler=args.scheduler,
         progress=not args.quiet), tuned=True)
-    return study.finish(args, figure, rows, report=report)
+    return study.finish(args, figure, rows, report=report, lr_search=read_results(args.out))

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import tasks
+from . import plots, tasks
 from .adapters import variant_class, variants
 from .files import atomic_path
 from .sweep import KEY, saved_results, tuned_rows, write_atomic
@@ -219,12 +219,15 @@ def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str 
 
 def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd.DataFrame | None, *,
            report: Callable[[pd.DataFrame], object] | None = None, write: bool = False,
-           table: str | None = None, **options: Any) -> int:
+           table: str | None = None, lr_search: pd.DataFrame | None = None,
+           lr_panels: dict[str, str] | None = None, **options: Any) -> int:
     """A study's last step: ``report(rows)`` (its printed summary), ``rows`` written to --out
     (with ``write``; atomically) and the markdown ``table`` to ``args.table``, the figure
-    ``figure(rows, --figure, **options)``, and the ``results:``, ``table:`` and ``figure:``
-    lines, the elapsed time and the peak memory printed. Returns the exit code: 0, or 1 without
-    ``rows`` (:func:`results` has said why)."""
+    ``figure(rows, --figure, **options)``; for a tuned study, from ``lr_search`` (its whole
+    results table, every rate tried) the learning-rate sensitivity figure ``<--figure>_lr``
+    (:func:`lowrank.plots.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
+    and the ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory
+    printed. Returns the exit code: 0, or 1 without ``rows`` (:func:`results` has said why)."""
     if rows is None:
         return 1
     if report is not None:
@@ -235,6 +238,10 @@ def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd
         with atomic_path(args.table) as tmp:
             tmp.write_text(table)
     paths = figure(rows, args.figure, **options)
+    if lr_search is not None and lr_search.empty:
+        print("note: no learning-rate search in the results to draw", file=sys.stderr)
+    elif lr_search is not None:
+        paths += plots.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
     print(f"results: {args.out}")
     if table is not None:
         print(f"table: {args.table}")

@@ -303,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if rows is None:
         return 1
     rows = with_intruders(rows[rows["status"] == "ok"]).astype({"rank": "Int64"})
-    curve = full_curve(read_results(args.out), rows)
+    searched = read_results(args.out)
+    curve = full_curve(searched, rows)
     return study.finish(args, figure, rows, report=lambda rows: report(rows, curve), curve=curve,
-                        titles=titles(rows))
+                        titles=titles(rows), lr_search=searched)
 
 
 if __name__ == "__main__":

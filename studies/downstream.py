@@ -317,6 +317,18 @@ def comparisons(df: pd.DataFrame, references: dict) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
+def searched(df: pd.DataFrame, specs: list[RunSpec], roles: dict) -> pd.DataFrame:
+    """Every run of the planned search groups (every learning rate tried) with its dataset and,
+    in ``compared``, the comparison it stands in (one row per budget or fixed rank; none for
+    full fine-tuning, which the learning-rate figure draws in every panel of its dataset)."""
+    runs = df[df[GROUP].isin({s.group_id for s in specs})]
+    role = [roles.get((v, None if pd.isna(r) else int(r)), "") for v, r in zip(runs["variant"], runs["rank"])]
+    return runs.assign(
+        dataset=runs["task_options"].map(lambda o: json.loads(o)["dataset"]),
+        compared=[[None] if lab == "baseline" else [part.split(" (")[0] for part in lab.split("; ")]
+                  for lab in role]).explode("compared")
+
+
 def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace,
           diffs: pd.DataFrame | None = None) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
@@ -473,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     diffs = comparisons(rows, references)
     text = table(rows, roles, model_params, args, diffs)
     print(text)
-    return study.finish(args, figure, rows, diffs=diffs, table=(
+    return study.finish(args, figure, rows, diffs=diffs, lr_search=searched(df, specs, roles),
+                        lr_panels={"row": "dataset", "col": "compared"}, table=(
         f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
         f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
         "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text))

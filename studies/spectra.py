@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     table = study.results(args, lambda: run(args), key=None)
     return study.finish(args, figure, table, report=report, write=not args.plot_only,
-                        spectrum_rank=args.spectrum_rank)
+                        lr_search=read_results(args.runs), spectrum_rank=args.spectrum_rank)
 
 
 if __name__ == "__main__":
