@@ -56,6 +56,7 @@ from lowrank.sweep import (
     provenance,
     read_results,
     saved_results,
+    search_status,
     tuned_rows,
     tuned_sweep,
     write_atomic,
@@ -119,8 +120,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
-    """The learning rates searched for ``variant``."""
-    return args.lr_grid.get(variant, args.lr_grid["*"])
+    """The learning rates searched for ``variant`` (first, before any extension)."""
+    grid = args.lr_grid.get(variant, args.lr_grid["*"])
+    return study.auto_grid(RunSpec("text", variant, None, 0, 0.0)) if grid == study.AUTO else grid
 
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
@@ -268,9 +270,13 @@ def add_probes(args: argparse.Namespace) -> None:
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
-    """The planned runs at their dev-tuned learning rates (every seed) and the probes of the
-    planned datasets, with dataset, epochs and seconds per epoch."""
-    runs = tuned_rows(df[df[GROUP].isin({s.group_id for s in specs})])
+    """The planned runs at their dev-tuned learning rates (every seed), with where that rate
+    sits among those tried (``lr_status``: :func:`lowrank.sweep.search_status`), and the probes
+    of the planned datasets, with dataset, epochs and seconds per epoch."""
+    planned = df[df[GROUP].isin({s.group_id for s in specs})]
+    status = search_status(planned).set_index("group")["status"]
+    runs = tuned_rows(planned)
+    runs["lr_status"] = runs[GROUP].map(status)
     probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
     df = pd.concat([runs, df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
@@ -333,13 +339,10 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
           diffs: pd.DataFrame | None = None) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
-    machine); a learning rate at either end of its variant's grid is marked †. With ``diffs``
+    machine); a learning rate at either end of the rates its search tried is marked †. With
+    ``diffs``
     (:func:`comparisons`, not empty), each compared row's difference from LoRA with its
     interval and Holm-adjusted p, * where significant."""
-    def edge(variant: str, rate: float) -> str:
-        grid = lr_grid(args, variant)
-        return "†" if rate in (min(grid), max(grid)) else ""
-
     show = diffs is not None and not diffs.empty
     cells: dict[tuple, str] = {}
     if show:
@@ -360,27 +363,36 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
         summary = g.agg(acc=("test_accuracy", "mean"), acc_sd=("test_accuracy", "std"),
                         f1=("test_macro_f1", "mean"), f1_sd=("test_macro_f1", "std"),
                         params=("trainable_params", "mean"), lr=("lr", "first"),
+                        lr_status=("lr_status", "first"),
                         spe=("seconds_per_epoch", "median"), mem=("peak_mem_mb", "mean"),
                         n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
+            rate = "—" if pd.isna(r.lr) else f"{r.lr:g}" + ("" if r.lr_status == "interior" else "†")
             lines.append(
                 f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 + (f"{cells.get((dataset, r.variant, rank), '— | —')} | " if show else "")
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
-                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}' + edge(r.variant, r.lr)} | "
+                f"{rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
-    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items()}
-    if len(rates) == 1:
+    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items() if g != study.AUTO}
+    if study.AUTO in args.lr_grid.values():
+        lines.append("† the best of the searched learning rates is at the edge of those tried "
+                     "(--lr-grid auto: five rates half a decade apart around "
+                     f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale).")
+    elif len(rates) == 1:
         lines.append(f"† the best of the searched learning rates ({rates['*']}) is at the edge "
                      "of the grid.")
     else:
         grids = "; ".join(f"{'others' if v == '*' else v}: {g}" for v, g in rates.items())
         lines.append(f"† the best of the searched learning rates is at the edge of its "
                      f"variant's grid ({grids}).")
+    if args.lr_extend:
+        lines[-1] += (f" A search whose best rate was at an edge stepped past it, up to "
+                      f"{args.lr_extend} times; † marks the edge of the rates it tried.")
     if show:
         n = diffs.groupby("dataset", sort=False).size()
         family = (f"the {n.iloc[0]} comparison{'s' if n.iloc[0] > 1 else ''} of each dataset"
@@ -474,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, roles, model_params, references = plan(args)
     if not args.plot_only:
         tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
-                    args.out, workers=args.workers, progress=not args.quiet)
+                    args.out, extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
         add_probes(args)
     try:
         df = saved_results(args.out)

@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """One tuned sweep over every training mode: the training configuration is part of each
     run's search group, so every (task, variant, rank, mode) gets its own learning rate."""
     base = [s for mode in args.modes for s in specs(args, mode)]
-    return tuned_sweep(base, args.lr_grid, list(range(args.seeds)), args.out,
-                       workers=args.workers, progress=not args.quiet)
+    return tuned_sweep(base, study.search_grid(args.lr_grid), list(range(args.seeds)), args.out,
+                       extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:

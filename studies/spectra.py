@@ -225,8 +225,9 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """The sweep (resumed from --out's _runs.csv) and the included rows, as the tidy table."""
-    rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,
-                       workers=args.workers, progress=not args.quiet)
+    rows = tuned_sweep(specs(args), study.search_grid(args.lr_grid), list(range(args.seeds)),
+                       args.runs, extend=args.lr_extend, workers=args.workers,
+                       progress=not args.quiet)
     extra = [selected_rows(path) for path in args.include]
     runs = pd.concat([rows[rows["status"] == "ok"], *extra], ignore_index=True)
     return spectra_table(runs.drop_duplicates("run_id"))

@@ -119,9 +119,10 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
                          "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
                          "test_macro_f1": 0.5, "trainable_params": 100, "lr": [3e-5, 3e-3, 1e-2],
+                         "lr_status": ["low edge", "interior", "interior"],
                          "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0})
     md = ds.table(rows, {}, 10_000, args)
-    assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of own grid
+    assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of what was tried
     assert "its variant's grid (full: 3e-05, 0.0001, 0.0003; vera:" in md
 
 
@@ -129,7 +130,8 @@ def test_seconds_per_epoch_is_the_median_over_seeds():
     ds = study()
     rows = pd.DataFrame({"dataset": "trec", "variant": "lora", "rank": 8, "seed": [0, 1, 2],
                          "test_accuracy": 0.8, "test_macro_f1": 0.8, "trainable_params": 10,
-                         "lr": 1e-3, "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
+                         "lr": 1e-3, "lr_status": "interior",
+                         "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
                          "peak_mem_mb": 1.0})
     assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3",
                                                                  "1e-2"]))
@@ -139,6 +141,7 @@ def scored_rows(correct: dict) -> pd.DataFrame:
     """Table rows of one dataset with ``test_correct``: {(variant, rank): [scores per seed]}."""
     rows = [{"dataset": "movies", "variant": v, "rank": r, "seed": seed, "test_correct": encode_correct(c),
              "test_accuracy": 0.8, "test_macro_f1": 0.5, "trainable_params": 100, "lr": 1e-2,
+             "lr_status": "interior",
              "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0}
             for (v, r), seeds in correct.items() for seed, c in enumerate(seeds)]
     return pd.DataFrame(rows)
@@ -178,3 +181,20 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
     paths = ds.figure(rows, tmp_path / "d", diffs=ds.comparisons(rows, references))
     assert [p.name for p in paths] == ["d.pdf", "d.png", "d_intervals.pdf", "d_intervals.png"]
     assert_figure(tmp_path / "d_intervals")
+
+
+def test_the_auto_grid_and_the_extension_are_what_the_table_says():
+    ds = study()
+    args = ds.parse(["--lr-grid", "auto", "--lr-extend", "2"])
+    assert ds.lr_grid(args, "full") == [3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]  # 1e-2 × 0.03
+    assert ds.lr_grid(args, "lora") == [1e-3, 3.16228e-3, 1e-2, 3.16228e-2, 1e-1]
+    rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "lora"], "rank": [None, 8],
+                         "seed": 0, "test_accuracy": 0.9, "test_macro_f1": 0.5,
+                         "trainable_params": 100, "lr": [3e-5, 0.316228],
+                         "lr_status": ["interior", "high edge"], "seconds_per_epoch": 1.0,
+                         "peak_mem_mb": 1.0})
+    md = ds.table(rows, {}, 10_000, args)
+    assert "| 3e-05 |" in md and "| 0.316228† |" in md  # edges of the rates tried, not of the grid
+    assert ("† the best of the searched learning rates is at the edge of those tried (--lr-grid "
+            "auto: five rates half a decade apart around 0.01 × the variant's lr_scale). A search "
+            "whose best rate was at an edge stepped past it, up to 2 times;") in md

@@ -12,6 +12,7 @@ from studyutil import load_study
 
 import lowrank as lr
 from lowrank import ablation, study
+from lowrank.sweep import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ["continual", "downstream", "overhead", "rank_ablation", "reconstruction", "robustness",
@@ -80,6 +81,9 @@ def test_every_study_refuses_an_unknown_variant_with_the_same_sentence(name, cap
     (["--lr-grid", "nan"], "argument --lr-grid: nan is not a learning rate"),
     (["--task", "text2"], "argument --task: unknown task 'text2'; choose from charlm"),
     (["--task-options", "[1]"], "argument --task-options: '[1]' is not a JSON object"),
+    (["--lr-extend", "-1"], "argument --lr-extend: -1 must be at least 0"),
+    (["--lr-grid", "auto", "1e-3"], "--lr-grid auto 0.001: auto stands alone; pass either auto or "
+                                    "learning rates"),
 ])
 def test_bad_numbers_and_names_are_refused_in_one_sentence(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -202,3 +206,55 @@ def test_finish_draws_the_lr_figure_of_a_tuned_study_beside_its_figure(tmp_path,
     assert_figure(tmp_path / "f" / "t_lr")
     assert study.finish(args, figure, searched_rows(), lr_search=pd.DataFrame()) == 0
     assert "no learning-rate search in the results to draw" in capsys.readouterr().err
+
+
+def test_the_auto_grid_is_centred_on_the_task_centre_times_the_variant_scale():
+    # half-decade log grids (6 significant digits) around 1e-2 × 0.03, 3e-2 × 3 and 3e-2 × 1
+    assert study.auto_grid(lr.sweep.RunSpec("text", "full", None, 0, 0.0)) == [
+        3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]
+    assert study.auto_grid(lr.sweep.RunSpec("digits", "vera", 4, 0, 0.0)) == lr.sweep.log_grid(0.09)
+    assert study.auto_grid(lr.sweep.RunSpec("synthetic", "lora", 4, 0, 0.0)) == [
+        3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1]
+    assert study.search_grid([1e-3, 1e-2]) == [1e-3, 1e-2] and study.search_grid("auto") is study.auto_grid
+
+
+@pytest.mark.parametrize("name", ["continual", "downstream", "rank_ablation", "robustness", "spectra"])
+def test_every_tuned_study_offers_the_auto_grid_and_the_extension_off_by_default(name, capsys):
+    args = parse(name, ["--plot-only"])
+    assert args.lr_extend == 0 and args.lr_grid != "auto"  # the committed CSVs stay valid
+    args = parse(name, ["--plot-only", "--lr-grid", "auto", "--lr-extend", "3"])
+    assert args.lr_extend == 3
+    assert args.lr_grid == ({"*": "auto"} if name == "downstream" else "auto")
+    with pytest.raises(SystemExit):
+        parse(name, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lr-extend N" in help_text and "or auto: for each variant five rates" in help_text
+
+
+def test_the_ablation_searches_auto_grids_and_follows_an_optimum_past_them(tmp_path, monkeypatch):
+    """A stand-in run whose dev accuracy peaks at lr 1 for every variant: lora's auto grid on the
+    synthetic task (3e-3 … 0.3) has it just past its top edge, full's (9e-5 … 9e-3) far past."""
+    import json
+    import math
+
+    import lowrank.sweep.results as results
+
+    def run(spec):
+        dev = -abs(math.log10(spec.lr))
+        return {"run_id": spec.run_id, "group_id": spec.group_id, "task": spec.task,
+                "variant": spec.variant, "rank": spec.rank, "seed": spec.seed, "lr": spec.lr,
+                "status": "ok", "metric": "accuracy", "higher_is_better": True,
+                "task_options": json.dumps(spec.task_options), "variant_options": "{}",
+                "dev_accuracy": dev, "test_accuracy": dev}
+
+    monkeypatch.setattr(results, "run_one", run)
+    rows = ablation.run_ablation(tmp_path / "r.csv", task=["synthetic"], variants=["lora", "full"],
+                                 ranks=[4], seeds=1, lr_grid="auto", extend=2, progress=False)
+    df = read_results(tmp_path / "r.csv")
+    tried = {v: sorted(g["lr"]) for v, g in df.groupby("variant")}
+    # 0.3 is the top edge → 0.3²/0.0949 = 0.949, again the top → 3.0: now 0.949 is interior
+    assert tried["lora"] == [3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1, 0.948684, 3.0]
+    assert tried["full"][:5] == lr.sweep.log_grid(3e-2 * 0.03) and len(tried["full"]) == 7
+    said = dict(zip(rows["variant"], rows["lr_selection"]))
+    assert said["lora"].endswith("; interior")
+    assert said["full"].endswith("; capped at the high edge after 2 extensions")

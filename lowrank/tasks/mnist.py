@@ -142,6 +142,7 @@ class MNIST(Classification):
     """
 
     name = "mnist"
+    lr_centre = 3e-2  # LoRA chose 0.01–0.03 in the continual and robustness studies
     targets = ["fc1", "fc2", "out"]
     modules_to_save: list[str] = []
     input_bounds = (0.0, 1.0)  # pixels
