@@ -10,6 +10,7 @@ can be redrawn without training.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -172,14 +173,14 @@ def lr_sensitivity(df: pd.DataFrame, stem: str | os.PathLike, row: str = "task",
     runs = runs.assign(_on=on.to_numpy(),
                        _dev=[r.get(f"dev_{m}", np.nan) for r, m in zip(records, on)],
                        _test=[r.get(f"test_{m}", np.nan) for r, m in zip(records, on)])
-    layout = {}  # row value → its panels' col values, in order
+    layout = {}  # row value → its panels' col values, in order ([None]: one panel, no col)
     for key, sub in runs.groupby(row, sort=False):
         values = list(dict.fromkeys(sub[col].dropna()))
-        layout[key] = sorted(values) if col == "rank" else values
-    width = max(len(v) for v in layout.values()) or 1
-    ncols = width if width <= max_cols else -(-width // -(-width // max_cols))
-    lines = [(key, chunk) for key, values in layout.items()
-             for chunk in [values[i:i + ncols] for i in range(0, max(len(values), 1), ncols)] or [[None]]]
+        layout[key] = (sorted(values) if col == "rank" else values) or [None]
+    width = max(len(values) for values in layout.values())
+    ncols = math.ceil(width / math.ceil(width / max_cols))  # a long row wraps into even lines
+    lines = [(key, values[i:i + ncols]) for key, values in layout.items()
+             for i in range(0, len(values), ncols)]
     styles = style_for(runs["variant"].unique())
     with panels(len(lines), ncols, 1.9 * len(lines) + 1.0) as (fig, axes):
         for (key, chunk), line in zip(lines, axes):
@@ -187,17 +188,21 @@ def lr_sensitivity(df: pd.DataFrame, stem: str | os.PathLike, row: str = "task",
             scores = pd.concat([mine["_dev"], mine["_test"]]).dropna()
             metric = mine["_on"].iloc[0]
             for ax, value in zip(line, chunk):
-                sub = mine[mine[col].isna() | (mine[col] == value)] if value is not None else mine
-                _lr_panel(ax, sub, chosen, styles)
+                _lr_panel(ax, mine if value is None else mine[mine[col].isna() | (mine[col] == value)],
+                          chosen, styles)
                 ax.set_xscale("log")
                 ax.set_xlabel("learning rate")
+                lo, hi = (scores.min(), scores.max()) if len(scores) else (np.nan, np.nan)
                 if metric in LOG_METRICS:
                     ax.set_yscale("log")
-                pad = 0.05 * (scores.max() - scores.min()) if metric not in LOG_METRICS else 0
-                ax.set_ylim(scores.min() - pad if pad else scores.min() / 2,
-                            scores.max() + pad if pad else scores.max() * 2)
-                where = "" if value is None else f"r = {value:g}" if col == "rank" else str(value)
-                ax.set_title(", ".join(str(t) for t in (key, where) if t != ""))
+                    lo, hi = lo / 2, hi * 2
+                else:
+                    pad = 0.05 * (hi - lo) or 0.05
+                    lo, hi = lo - pad, hi + pad
+                if len(scores):  # the same range along the row (none when every run diverged)
+                    ax.set_ylim(lo, hi)
+                where = None if value is None else f"r = {value:g}" if col == "rank" else value
+                ax.set_title(f"{key}, {where}" if where is not None else str(key))
             line[0].set_ylabel(label(metric).removeprefix("test "))
             for ax in line[1:]:
                 ax.tick_params(labelleft=False)
