@@ -180,7 +180,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
     for variant in args.variants:
         if not lr.variant_class(variant).takes_rank:  # full fine-tuning
             roles.setdefault((variant, None), []).append("baseline")
-            against.update({(variant, None): args.budgets[0]} if args.budgets else {})
+            if args.budgets:
+                against[variant, None] = args.budgets[0]
             continue
         for b in args.budgets:
             budget = adapter_params("lora", shapes, b)
@@ -200,9 +201,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
                      measure=measure)
              for d in args.datasets for (v, r) in roles]
     model_params = sum(p.numel() for p in model.encoder.parameters())
-    if "lora" not in args.variants:
-        against = {}
-    references = {k: b for k, b in against.items() if k != ("lora", b)}
+    references = ({k: b for k, b in against.items() if k != ("lora", b)}
+                  if "lora" in args.variants else {})
     return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params, references
 
 
@@ -340,9 +340,8 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
     machine); a learning rate at either end of the rates its search tried is marked †. With
-    ``diffs``
-    (:func:`comparisons`, not empty), each compared row's difference from LoRA with its
-    interval and Holm-adjusted p, * where significant."""
+    ``diffs`` (:func:`comparisons`, not empty), each compared row's difference from LoRA with
+    its interval and Holm-adjusted p, * where significant."""
     show = diffs is not None and not diffs.empty
     cells: dict[tuple, str] = {}
     if show:
@@ -374,8 +373,7 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
                 f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 + (f"{cells.get((dataset, r.variant, rank), '— | —')} | " if show else "")
-                + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
-                f"{rate} | "
+                + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
     rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items() if g != study.AUTO}

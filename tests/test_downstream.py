@@ -113,8 +113,13 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
     assert ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]).lr_grid == {"*": [1e-3, 1e-2]}
     assert not ds.parse([]).group_by_length
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
-    specs, _, _, _ = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "--ranks"]))
-    assert [s.train["group_by_length"] for s in specs] == [True] * 4  # 2 datasets × 2 methods
+    specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera",
+                                                 "--ranks"]))
+    assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
+    assert references == {("full", None): 8, ("vera", 384): 8}  # each against LoRA at r = 8
+    assert {s.measure for s in specs} == {("weights",)}  # the committed runs' ids
+    with_predictions = ds.plan(ds.parse(["--paper", "--variants", "lora", "--ranks", "--intervals"]))[0]
+    assert {s.measure for s in with_predictions} == {("weights", "predictions")}
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
                          "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
