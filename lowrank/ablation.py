@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from . import plots, study, tasks
-from .sweep import RunSpec, tuned_sweep
+from .sweep import RunSpec, read_results, tuned_sweep
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -44,16 +44,19 @@ def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
                  seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] = DEFAULTS["lr_grid"],
                  steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
                  task_options: dict | None = None, variant_options: dict | None = None,
-                 **execute: Any) -> pd.DataFrame:
+                 extend: int = 0, **execute: Any) -> pd.DataFrame:
     """Run the ablation into the CSV ``out``, skipping the runs it already holds, and return
     the rows at each (task, variant, rank)'s dev-chosen learning rate, every seed 0 … seeds−1.
+    ``lr_grid`` may be ``"auto"`` (:func:`lowrank.study.auto_grid`); ``extend``: how often a
+    search may step past the edge of its rates (:func:`lowrank.sweep.tuned_sweep`).
     ``execute`` goes to the sweep: ``workers``, ``executor``, ``scheduler``, ``progress``."""
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
     train = {"steps": steps, "batch_size": batch_size, "eval_every": steps}
     specs = [RunSpec(t, v, r, seed=0, lr=0.0, train=train, task_options=task_options or {},
                      variant_options=variant_options or {})
              for t in task for v, r in study.grid(variants, ranks)]
-    return tuned_sweep(specs, lr_grid, list(range(seeds)), out, **execute)
+    return tuned_sweep(specs, study.search_grid(lr_grid), list(range(seeds)), out, extend=extend,
+                       **execute)
 
 
 def _summary(df: pd.DataFrame, col: str) -> pd.DataFrame:
@@ -161,6 +164,6 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".",
         args.out, task=args.task, variants=args.variants, ranks=args.ranks, seeds=args.seeds,
         lr_grid=args.lr_grid, steps=args.steps, batch_size=args.batch_size,
         task_options=args.task_options, variant_options=args.variant_options,
-        workers=args.workers, executor=args.executor, scheduler=args.scheduler,
+        extend=args.lr_extend, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
         progress=not args.quiet), tuned=True)
-    return study.finish(args, figure, rows, report=report)
+    return study.finish(args, figure, rows, report=report, lr_search=read_results(args.out))

@@ -5,10 +5,11 @@ one figure to ``paper_figures/<name>.{pdf,png}``, where the name is the study's 
 preset's (``<name>_quick`` with ``--quick``). :func:`parser` gives every study script the same
 output options (--out, --figure, --plot-only, --quiet and the presets such as --quick, whose
 values an option given explicitly overrides) and, on request (:meth:`StudyParser.add_common`),
-the sweep's options: --variants (checked against the registry), --ranks, --seeds, --lr-grid,
---steps, --batch-size, --workers, --executor with --scheduler, --threads. :func:`grid` lists a
-sweep's (variant, rank) pairs and :func:`finish` writes the outputs and prints the lines that
-``studies/make_figures.py`` reports.
+the sweep's options: --variants (checked against the registry), --ranks, --seeds, --lr-grid
+(rates, or ``auto``: :func:`auto_grid`) with --lr-extend, --steps, --batch-size, --workers,
+--executor with --scheduler, --threads. :func:`grid` lists a sweep's (variant, rank) pairs and
+:func:`finish` writes the outputs (for a tuned study also the learning-rate sensitivity figure
+``<name>_lr``) and prints the lines that ``studies/make_figures.py`` reports.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Any
 
 import pandas as pd
 
-from . import tasks
+from . import plots, tasks
 from .adapters import variant_class, variants
 from .files import atomic_path
-from .sweep import KEY, saved_results, tuned_rows, write_atomic
+from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atomic
 
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
 
@@ -45,6 +46,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number of at least 0 (how many extensions, retries ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def learning_rate(text: str) -> float:
     """argparse type: a positive, finite learning rate."""
     try:
@@ -55,6 +67,27 @@ def learning_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text} is not a learning rate; pass a positive number "
                                          "such as 1e-3")
     return value
+
+
+AUTO = "auto"  # --lr-grid auto: every spec searches its own auto_grid
+
+
+def grid_rate(text: str) -> float | str:
+    """argparse type of --lr-grid: a learning rate, or ``auto`` (:func:`auto_grid`)."""
+    return AUTO if text == AUTO else learning_rate(text)
+
+
+def auto_grid(spec: RunSpec) -> list[float]:
+    """The default grid of ``spec``: five rates half a decade apart (two decades in all)
+    centred on its task's ``lr_centre`` × its variant's ``lr_scale`` (e.g. text, full
+    fine-tuning: 1e-2 × 0.03 → 3e-5 … 3e-3), by :func:`lowrank.sweep.log_grid`."""
+    return log_grid(tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale)
+
+
+def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[RunSpec], list[float]]:
+    """What :func:`lowrank.sweep.tuned_sweep` searches for --lr-grid ``lr_grid``: its rates, or
+    for ``auto`` each spec's :func:`auto_grid`."""
+    return auto_grid if lr_grid == AUTO else lr_grid
 
 
 def variant(text: str) -> str:
@@ -89,9 +122,13 @@ COMMON: dict[str, dict[str, Any]] = {
                  "help": "variants to compare, from {variants}"},
     "ranks": {"nargs": "+", "type": positive_int, "metavar": "R", "help": "ranks r"},
     "seeds": {"type": positive_int, "help": "number of seeds (0 … n−1)"},
-    "lr_grid": {"nargs": "+", "type": learning_rate, "metavar": "LR",
+    "lr_grid": {"nargs": "+", "type": grid_rate, "metavar": "LR",
                 "help": "learning rates searched per variant and rank on the dev split at seed 0 "
                         "(the best is reused for the other seeds)"},
+    "lr_extend": {"type": count, "default": 0, "metavar": "N",
+                  "help": "when a search's best dev score is at an edge of the rates it tried, try "
+                          "one more rate a grid step past that edge and search again, at most "
+                          "N times (0: the grid alone)"},
     "steps": {"type": positive_int, "help": "optimiser steps per run"},
     "batch_size": {"type": positive_int, "help": "training batch size"},
     "workers": {"type": positive_int, "default": 2, "help": "parallel processes"},
@@ -159,11 +196,15 @@ class StudyParser(argparse.ArgumentParser):
 
     def add_common(self, *names: str, **helps: str) -> None:
         """Add the shared options ``names`` (keys of :data:`COMMON`, in this order; "executor"
-        brings --scheduler); ``helps`` gives options their own help text (and adds those not
-        in ``names``)."""
+        brings --scheduler, "lr_grid" brings --lr-extend); ``helps`` gives options their own
+        help text (and adds those not in ``names``)."""
+        brings = {"executor": ("executor", "scheduler"), "lr_grid": ("lr_grid", "lr_extend")}
         for name in [*names, *(k for k in helps if k not in names)]:
-            for key in ("executor", "scheduler") if name == "executor" else (name,):
+            for key in brings.get(name, (name,)):
                 help = helps.get(key) or COMMON[key]["help"].format(variants=", ".join(variants()))
+                if key == "lr_grid":
+                    help += ("; or auto: for each variant five rates half a decade apart around "
+                             "the task's lr_centre × the variant's lr_scale")
                 kw = {**COMMON[key], "help": help}
                 self.add_argument(f"--{key.replace('_', '-')}", **kw)
 
@@ -176,6 +217,12 @@ class StudyParser(argparse.ArgumentParser):
         on = [k for k, v in vars(flags.parse_known_args(argv)[0]).items() if v]
         self.set_defaults(**{**self.defaults, **(self.presets[on[0]][1] if on else {})})
         ns, rest = super().parse_known_args(argv, namespace)
+        grid = getattr(ns, "lr_grid", None)
+        if isinstance(grid, list) and AUTO in grid:
+            if len(grid) > 1:
+                self.error(f"--lr-grid {' '.join(map(str, grid))}: auto stands alone; pass either "
+                           "auto or learning rates")
+            ns.lr_grid = AUTO
         ns.run_name = "_".join([self.name, *(k for k in self.presets if getattr(ns, k))])
         ns.out = ns.out or self.results / f"{ns.run_name}.csv"
         ns.figure = ns.figure or self.root / FIGURES / ns.run_name
@@ -219,12 +266,15 @@ def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str 
 
 def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd.DataFrame | None, *,
            report: Callable[[pd.DataFrame], object] | None = None, write: bool = False,
-           table: str | None = None, **options: Any) -> int:
+           table: str | None = None, lr_search: pd.DataFrame | None = None,
+           lr_panels: dict[str, str] | None = None, **options: Any) -> int:
     """A study's last step: ``report(rows)`` (its printed summary), ``rows`` written to --out
     (with ``write``; atomically) and the markdown ``table`` to ``args.table``, the figure
-    ``figure(rows, --figure, **options)``, and the ``results:``, ``table:`` and ``figure:``
-    lines, the elapsed time and the peak memory printed. Returns the exit code: 0, or 1 without
-    ``rows`` (:func:`results` has said why)."""
+    ``figure(rows, --figure, **options)``; for a tuned study, from ``lr_search`` (its whole
+    results table, every rate tried) the learning-rate sensitivity figure ``<--figure>_lr``
+    (:func:`lowrank.plots.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
+    and the ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory
+    printed. Returns the exit code: 0, or 1 without ``rows`` (:func:`results` has said why)."""
     if rows is None:
         return 1
     if report is not None:
@@ -235,6 +285,10 @@ def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd
         with atomic_path(args.table) as tmp:
             tmp.write_text(table)
     paths = figure(rows, args.figure, **options)
+    if lr_search is not None and lr_search.empty:
+        print("note: no learning-rate search in the results to draw", file=sys.stderr)
+    elif lr_search is not None:
+        paths += plots.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
     print(f"results: {args.out}")
     if table is not None:
         print(f"table: {args.table}")

@@ -336,15 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.workers == 1:
         torch.set_num_threads(1)
-    rows = study.results(args, lambda: tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)),
-                                                   args.out, workers=args.workers,
-                                                   progress=not args.quiet), tuned=True)
+    rows = study.results(args, lambda: tuned_sweep(
+        specs(args), study.search_grid(args.lr_grid), list(range(args.seeds)), args.out,
+        extend=args.lr_extend, workers=args.workers, progress=not args.quiet), tuned=True)
     if rows is None:
         return 1
     rows = with_intruders(rows[rows["status"] == "ok"]).astype({"rank": "Int64"})
-    curve = full_curve(read_results(args.out), rows)
+    searched = read_results(args.out)
+    curve = full_curve(searched, rows)
     return study.finish(args, figure, rows, report=lambda rows: report(rows, curve), curve=curve,
-                        titles=titles(rows))
+                        titles=titles(rows), lr_search=searched)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ Writes results/downstream.csv (one row per run, resumable; adapter spectra in th
 column for studies/spectra.py), results/downstream.md (accuracy ± std over seeds, trainable
 parameters absolute and as % of the model, train seconds per epoch, peak memory) and
 paper_figures/downstream.{pdf,png} (accuracy vs trainable parameters and vs peak memory, with
-the Pareto front).
+the Pareto front). With --intervals every run also records its per-example test predictions
+(`test_correct`), and the table and paper_figures/downstream_intervals.{pdf,png} give each
+variant's difference from LoRA at the matched budget with a 95 % paired-bootstrap interval
+(test examples resampled, seeds paired) and a Holm-adjusted p-value.
 
     python studies/downstream.py               # reduced default: 3 variants, 2 seeds, < 15 min
     python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
                                                # every variant, 3 seeds; hours on 2 cores
     python studies/downstream.py --quick       # < 2 min smoke run
+    python studies/downstream.py --intervals   # also differences from LoRA with intervals
     python studies/downstream.py --plot-only   # redraw figure and table from the CSV
 """
 
@@ -43,13 +47,16 @@ from torch import nn
 
 import lowrank as lr
 from lowrank import plots, study
+from lowrank.stats import holm, paired_bootstrap
 from lowrank.sweep import (
     GROUP,
     KEY,
     RunSpec,
+    decode_correct,
     provenance,
     read_results,
     saved_results,
+    search_status,
     tuned_rows,
     tuned_sweep,
     write_atomic,
@@ -94,6 +101,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                  lr_grid="learning rates searched on dev at seed 0 for each (variant, rank), the "
                          "same for every variant (--paper gives each variant a grid of its own)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
+    p.add_argument("--intervals", action="store_true",
+                   help="record every run's per-example test predictions (new runs) and report each "
+                        "variant's difference from LoRA at the matched budget with a 95%% paired-"
+                        "bootstrap interval and a Holm-adjusted p-value (table and "
+                        "<figure>_intervals)")
     p.add_common(workers="parallel training processes")
     p.add_argument("--table", type=Path, default=None,
                    help="markdown table (default results/downstream.md; results/downstream_paper.md "
@@ -108,8 +120,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
-    """The learning rates searched for ``variant``."""
-    return args.lr_grid.get(variant, args.lr_grid["*"])
+    """The learning rates searched for ``variant`` (first, before any extension)."""
+    grid = args.lr_grid.get(variant, args.lr_grid["*"])
+    return study.auto_grid(RunSpec("text", variant, None, 0, 0.0)) if grid == study.AUTO else grid
 
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
@@ -153,21 +166,27 @@ def matched_rank(variant: str, shapes: list[tuple[int, int]], budget: int) -> in
     return min(gaps, key=lambda r: (gaps[r], -r))
 
 
-def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int]:
+def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
     """The sweep's specs (one per dataset, variant, rank); per (variant, rank), which budgets
-    and fixed ranks it stands for; and the encoder's parameter count (for the % column)."""
+    and fixed ranks it stands for; the encoder's parameter count (for the % column); and per
+    (variant, rank) the LoRA rank it is compared with (:func:`comparisons`): LoRA at the first
+    budget it matches, and for full fine-tuning LoRA at the first budget."""
     task = lr.tasks.get("text", dataset=args.datasets[0], max_train=8, max_eval=8)
     model = task.pretrained()
     shapes = [tuple(model.get_submodule(n).weight.shape)
               for n in lr.find_targets(model, ADAPTER_TARGETS)]
     roles: dict[tuple[str, int | None], list[str]] = {}
+    against: dict[tuple[str, int | None], int] = {}
     for variant in args.variants:
         if not lr.variant_class(variant).takes_rank:  # full fine-tuning
             roles.setdefault((variant, None), []).append("baseline")
+            if args.budgets:
+                against[variant, None] = args.budgets[0]
             continue
         for b in args.budgets:
             budget = adapter_params("lora", shapes, b)
             r = matched_rank(variant, shapes, budget)
+            against.setdefault((variant, r), b)
             near = abs(adapter_params(variant, shapes, r) - budget) <= 0.25 * budget
             roles.setdefault((variant, r), []).append(
                 f"budget of LoRA r={b}" + ("" if near else " (closest it can reach)"))
@@ -177,11 +196,14 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int]:
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
     if args.group_by_length:
         train["group_by_length"] = True
+    measure = ("weights", "predictions") if args.intervals else ("weights",)
     specs = [RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train,
-                     measure=("weights",))
+                     measure=measure)
              for d in args.datasets for (v, r) in roles]
     model_params = sum(p.numel() for p in model.encoder.parameters())
-    return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params
+    references = ({k: b for k, b in against.items() if k != ("lora", b)}
+                  if "lora" in args.variants else {})
+    return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params, references
 
 
 @torch.no_grad()
@@ -248,9 +270,13 @@ def add_probes(args: argparse.Namespace) -> None:
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
-    """The planned runs at their dev-tuned learning rates (every seed) and the probes of the
-    planned datasets, with dataset, epochs and seconds per epoch."""
-    runs = tuned_rows(df[df[GROUP].isin({s.group_id for s in specs})])
+    """The planned runs at their dev-tuned learning rates (every seed), with where that rate
+    sits among those tried (``lr_status``: :func:`lowrank.sweep.search_status`), and the probes
+    of the planned datasets, with dataset, epochs and seconds per epoch."""
+    planned = df[df[GROUP].isin({s.group_id for s in specs})]
+    status = search_status(planned).set_index("group")["status"]
+    runs = tuned_rows(planned)
+    runs["lr_status"] = runs[GROUP].map(status)
     probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
     df = pd.concat([runs, df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
@@ -261,50 +287,130 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
     return df
 
 
-def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace) -> str:
+N_BOOT = 10_000  # bootstrap replicates: the interval's ends carry ≈ 1 % Monte-Carlo error
+ALPHA = 0.05  # a comparison is marked significant when its Holm-adjusted p is below this
+
+
+def comparisons(df: pd.DataFrame, references: dict) -> pd.DataFrame:
+    """Per dataset, every (variant, rank) of ``references`` against LoRA at the rank it maps
+    to: the mean difference in test accuracy over the seeds both ran and the test examples, in
+    points, with its 95 % paired-bootstrap interval (test examples resampled, the same draw for
+    every seed; seeds paired by number: :func:`lowrank.stats.paired_bootstrap`) and the p-value
+    Holm-adjusted over the comparisons of the dataset (:func:`lowrank.stats.holm`). Only runs
+    that recorded ``test_correct`` (--intervals) take part; empty when none did."""
+    columns = ["dataset", "variant", "rank", "lora_rank", "seeds", "diff", "low", "high", "p",
+               "p_holm", "significant"]
+    scored = df[df["test_correct"].notna()] if "test_correct" in df else df.iloc[:0]
+    out = []
+    for dataset, sub in scored.groupby("dataset", sort=False):
+        def scores(variant: str, rank: int | None, sub: pd.DataFrame = sub) -> dict[int, np.ndarray]:
+            same = sub["rank"].isna() if rank is None else sub["rank"] == rank
+            runs = sub[(sub["variant"] == variant) & same]
+            return {int(seed): decode_correct(c) for seed, c in zip(runs["seed"], runs["test_correct"])}
+
+        found = []
+        for (variant, rank), lora_rank in references.items():
+            a, b = scores(variant, rank), scores("lora", lora_rank)
+            seeds = sorted(set(a) & set(b))
+            if seeds:
+                c = paired_bootstrap(np.stack([a[k] for k in seeds]), np.stack([b[k] for k in seeds]),
+                                     n_boot=N_BOOT)
+                found.append({"dataset": dataset, "variant": variant, "rank": rank,
+                              "lora_rank": lora_rank, "seeds": len(seeds), "diff": 100 * c.diff,
+                              "low": 100 * c.low, "high": 100 * c.high, "p": c.p})
+        for f, adjusted in zip(found, holm([f["p"] for f in found])):
+            out.append({**f, "p_holm": float(adjusted), "significant": bool(adjusted < ALPHA)})
+    return pd.DataFrame(out, columns=columns)
+
+
+def searched(df: pd.DataFrame, specs: list[RunSpec], roles: dict) -> pd.DataFrame:
+    """Every run of the planned search groups (every learning rate tried) with its dataset and,
+    in ``compared``, the comparison it stands in (one row per budget or fixed rank; none for
+    full fine-tuning, which the learning-rate figure draws in every panel of its dataset)."""
+    runs = df[df[GROUP].isin({s.group_id for s in specs})]
+    role = [roles.get((v, None if pd.isna(r) else int(r)), "") for v, r in zip(runs["variant"], runs["rank"])]
+    return runs.assign(
+        dataset=runs["task_options"].map(lambda o: json.loads(o)["dataset"]),
+        compared=[[None] if lab == "baseline" else [part.split(" (")[0] for part in lab.split("; ")]
+                  for lab in role]).explode("compared")
+
+
+def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace,
+          diffs: pd.DataFrame | None = None) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
-    machine); a learning rate at either end of its variant's grid is marked †."""
-    def edge(variant: str, rate: float) -> str:
-        grid = lr_grid(args, variant)
-        return "†" if rate in (min(grid), max(grid)) else ""
-
+    machine); a learning rate at either end of the rates its search tried is marked †. With
+    ``diffs`` (:func:`comparisons`, not empty), each compared row's difference from LoRA with
+    its interval and Holm-adjusted p, * where significant."""
+    show = diffs is not None and not diffs.empty
+    cells: dict[tuple, str] = {}
+    if show:
+        for d in diffs.itertuples():
+            p = "< 0.001" if d.p_holm < 0.001 else f"{d.p_holm:.3f}"
+            rank = None if pd.isna(d.rank) else int(d.rank)
+            cells[d.dataset, d.variant, rank] = (f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}] | "
+                                                 f"{p}{'*' if d.significant else ''}")
+            cells[d.dataset, "lora", int(d.lora_rank)] = "reference | —"
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
         lines += [f"### {dataset}", "",
                   "| method | rank | compared at | trainable params | % of model | test accuracy "
-                  "| test macro-F1 | lr | s / epoch | peak MiB | seeds |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  + ("| Δ vs LoRA [95 % CI] | p (Holm) " if show else "")
+                  + "| test macro-F1 | lr | s / epoch | peak MiB | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if show else "")]
         g = sub.groupby(["variant", "rank"], dropna=False, sort=False)
         summary = g.agg(acc=("test_accuracy", "mean"), acc_sd=("test_accuracy", "std"),
                         f1=("test_macro_f1", "mean"), f1_sd=("test_macro_f1", "std"),
                         params=("trainable_params", "mean"), lr=("lr", "first"),
+                        lr_status=("lr_status", "first"),
                         spe=("seconds_per_epoch", "median"), mem=("peak_mem_mb", "mean"),
                         n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
+            rate = "—" if pd.isna(r.lr) else f"{r.lr:g}" + ("" if r.lr_status == "interior" else "†")
             lines.append(
                 f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
-                f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | "
-                f"{'—' if pd.isna(r.lr) else f'{r.lr:g}' + edge(r.variant, r.lr)} | "
+                + (f"{cells.get((dataset, r.variant, rank), '— | —')} | " if show else "")
+                + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
-    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items()}
-    if len(rates) == 1:
+    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items() if g != study.AUTO}
+    if study.AUTO in args.lr_grid.values():
+        lines.append("† the best of the searched learning rates is at the edge of those tried "
+                     "(--lr-grid auto: five rates half a decade apart around "
+                     f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale).")
+    elif len(rates) == 1:
         lines.append(f"† the best of the searched learning rates ({rates['*']}) is at the edge "
                      "of the grid.")
     else:
         grids = "; ".join(f"{'others' if v == '*' else v}: {g}" for v, g in rates.items())
         lines.append(f"† the best of the searched learning rates is at the edge of its "
                      f"variant's grid ({grids}).")
+    if args.lr_extend:
+        lines[-1] += (f" A search whose best rate was at an edge stepped past it, up to "
+                      f"{args.lr_extend} times; † marks the edge of the rates it tried.")
+    if show:
+        n = diffs.groupby("dataset", sort=False).size()
+        family = (f"the {n.iloc[0]} comparison{'s' if n.iloc[0] > 1 else ''} of each dataset"
+                  if n.nunique() == 1 else
+                  "the comparisons of each dataset (" + ", ".join(f"{d} {k}" for d, k in n.items()) + ")")
+        full = diffs.loc[diffs["rank"].isna(), ["variant", "lora_rank"]].drop_duplicates()
+        lines.append(
+            "\nΔ vs LoRA: test accuracy minus LoRA's at the budget the row is compared at"
+            + "".join(f" ({v}: LoRA r={b})" for v, b in full.itertuples(index=False))
+            + ", in points, mean over the seeds both ran (paired by seed) and the test examples; "
+            f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates); "
+            f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}.")
     return "\n".join(lines)
 
 
-def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None = None) -> list[Path]:
     """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory, mean ±
-    std over seeds, the Pareto front over both; the linear probe is a dashed line."""
+    std over seeds, the Pareto front over both; the linear probe is a dashed line. With
+    ``diffs`` (:func:`comparisons`, not empty), also :func:`interval_figure` at
+    ``<stem>_intervals``."""
     datasets = list(dict.fromkeys(df["dataset"]))
     if not datasets:
         raise ValueError("no finished runs to plot; run the study first")
@@ -335,16 +441,50 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 ax.set_ylabel(f"{dataset}: test accuracy")
             row[0].set_xscale("log")
         plots.legend_below(fig, axes, max_cols=7)
+        paths = plots.save(fig, stem)
+    if diffs is not None and not diffs.empty:
+        paths += interval_figure(diffs, f"{stem}_intervals")
+    return paths
+
+
+def interval_figure(diffs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """One panel per dataset, one row per compared variant: its difference in test accuracy
+    from LoRA at the matched budget (points) with the 95 % paired-bootstrap interval, the
+    marker filled where the difference is significant after Holm's correction; a zero line."""
+    datasets = list(dict.fromkeys(diffs["dataset"]))
+    styles = plots.style_for(diffs["variant"].unique())
+    height = 0.22 * diffs.groupby("dataset").size().max() + 1.1
+    with plots.panels(1, len(datasets), height) as (fig, axes):
+        for ax, dataset in zip(axes[0], datasets):
+            d = diffs[diffs["dataset"] == dataset].sort_values("diff").reset_index(drop=True)
+            for i, r in d.iterrows():
+                st = styles[r["variant"]]
+                ax.errorbar(r["diff"], i, xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]],
+                            color=st["color"], marker=st["marker"], markersize=5, ls="none",
+                            capsize=2, markerfacecolor=st["color"] if r["significant"] else "white")
+            ax.axvline(0, color="0.3", lw=0.8, ls="--", zorder=0)
+            ax.set_yticks(range(len(d)), [v if pd.isna(k) else f"{v} r{int(k)}"
+                                          for v, k in zip(d["variant"], d["rank"])])
+            ax.set_ylim(-0.6, len(d) - 0.4)
+            ax.grid(axis="y", visible=False)
+            lora = ", ".join(f"r = {int(b)}" for b in sorted(d["lora_rank"].unique()))
+            ax.set_xlabel(f"test accuracy − LoRA's at the matched budget ({lora}), points")
+            ax.set_title(f"{dataset}: difference with 95 % interval")
+        for filled, text in ((True, f"significant (Holm-adjusted p < {ALPHA:g})"),
+                             (False, "not significant")):
+            axes[0, 0].plot([], [], "o", color="0.3", markerfacecolor="0.3" if filled else "white",
+                            label=text)
+        plots.legend_below(fig, axes)
         return plots.save(fig, stem)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
-    specs, roles, model_params = plan(args)
+    specs, roles, model_params, references = plan(args)
     if not args.plot_only:
         tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
-                    args.out, workers=args.workers, progress=not args.quiet)
+                    args.out, extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
         add_probes(args)
     try:
         df = saved_results(args.out)
@@ -352,9 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e}; run without --plot-only first", file=sys.stderr)
         return 1
     rows = reported(df, specs, args)
-    text = table(rows, roles, model_params, args)
+    diffs = comparisons(rows, references)
+    text = table(rows, roles, model_params, args, diffs)
     print(text)
-    return study.finish(args, figure, rows, table=(
+    return study.finish(args, figure, rows, diffs=diffs, lr_search=searched(df, specs, roles),
+                        lr_panels={"row": "dataset", "col": "compared"}, table=(
         f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
         f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
         "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text))

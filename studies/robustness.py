@@ -38,9 +38,10 @@ import torch
 
 import lowrank as lr
 from lowrank import plots, study
-from lowrank.sweep import RunSpec, tuned_sweep
+from lowrank.sweep import RunSpec, read_results, tuned_sweep
 
 MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PGD regularisation
+MODE_NAMES = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
 TASKS = ("mnist", "digits")  # the tasks whose input (pixels in [0, 1]) an L∞ ε is meaningful for
 MAX_RANK = {"mnist": 10, "digits": 64}  # smallest side of an adapted layer (mnist: out 10×256)
 TASK_OPTIONS = {"mnist": {"shift": "rotate", "angle": 45.0, "n_train": 10_000, "n_eval": 5_000},
@@ -126,8 +127,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """One tuned sweep over every training mode: the training configuration is part of each
     run's search group, so every (task, variant, rank, mode) gets its own learning rate."""
     base = [s for mode in args.modes for s in specs(args, mode)]
-    return tuned_sweep(base, args.lr_grid, list(range(args.seeds)), args.out,
-                       workers=args.workers, progress=not args.quiet)
+    return tuned_sweep(base, study.search_grid(args.lr_grid), list(range(args.seeds)), args.out,
+                       extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -168,7 +169,6 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     if not tasks:
         raise ValueError("no finished runs to plot; run the sweep first")
     modes = [m for m in ("none", "fgsm", "pgd") if m in set(df["mode"])]
-    names = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
     evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
              ("test_pgd_accuracy", "PGD-10")]
     df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
@@ -184,7 +184,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                     g = sub[sub["mode"] == m].groupby("config")[col].agg(["mean", "std"])
                     ys = [configs.index(c) + offset[m] for c in g.index]
                     ax.errorbar(g["mean"], ys, xerr=g["std"].fillna(0), ls="", capsize=1.5,
-                                color=plots.OKABE_ITO[i], marker=plots.MARKERS[i], label=names[m])
+                                color=plots.OKABE_ITO[i], marker=plots.MARKERS[i], label=MODE_NAMES[m])
                 ax.set_xlim(-0.02, 1.02)
                 ax.set_xlabel(f"test accuracy, {name}" + ("" if name == "clean" else f" (ε = {eps})"))
                 ax.set_title(f"{task}: {name}")
@@ -193,6 +193,13 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         axes[0, 0].invert_yaxis()  # shared y: once for all panels; full on top
         plots.legend_below(fig, axes, max_cols=len(modes))
         return plots.save(fig, stem)
+
+
+def searched(path: os.PathLike) -> pd.DataFrame:
+    """Every run of the CSV at ``path`` (every learning rate tried), its training mode in words
+    in ``training``: what the learning-rate figure draws, one panel per mode."""
+    df = read_results(path)
+    return df.assign(training=mode_of(df).map(MODE_NAMES)) if len(df) else df
 
 
 def report(rows: pd.DataFrame) -> None:
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     rows = study.results(args, lambda: run(args), tuned=True)  # each (…, mode) at its own lr
-    return study.finish(args, figure, rows, report=report)
+    return study.finish(args, figure, rows, report=report, lr_search=searched(args.out),
+                        lr_panels={"col": "training"})
 
 
 if __name__ == "__main__":

@@ -225,8 +225,9 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """The sweep (resumed from --out's _runs.csv) and the included rows, as the tidy table."""
-    rows = tuned_sweep(specs(args), args.lr_grid, list(range(args.seeds)), args.runs,
-                       workers=args.workers, progress=not args.quiet)
+    rows = tuned_sweep(specs(args), study.search_grid(args.lr_grid), list(range(args.seeds)),
+                       args.runs, extend=args.lr_extend, workers=args.workers,
+                       progress=not args.quiet)
     extra = [selected_rows(path) for path in args.include]
     runs = pd.concat([rows[rows["status"] == "ok"], *extra], ignore_index=True)
     return spectra_table(runs.drop_duplicates("run_id"))
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     table = study.results(args, lambda: run(args), key=None)
     return study.finish(args, figure, table, report=report, write=not args.plot_only,
-                        spectrum_rank=args.spectrum_rank)
+                        lr_search=read_results(args.runs), spectrum_rank=args.spectrum_rank)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The downstream text study: budget matching against a brute-force count, and --quick end to end."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
-from studyutil import load_study
+from studyutil import assert_figure, load_study
+
+from lowrank.sweep import encode_correct, read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "downstream.py"
@@ -70,6 +74,25 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert fig.with_suffix(".png").exists() and len(pd.read_csv(out)) == len(df)
+    assert table.read_text() == md
+
+    # --intervals: the same plan with per-example predictions (new runs beside the old ones)
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--intervals"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    new = read_results(out)
+    assert len(new) == len(df) + 2 and new["test_correct"].notna().sum() == 2
+    assert {len(c) for c in new["test_correct"].dropna()} == {48}  # every test sentence
+    shown = table.read_text()
+    assert "| test accuracy | Δ vs LoRA [95 % CI] | p (Holm) | test macro-F1 |" in shown
+    assert re.search(r"\| lora \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
+    assert re.search(r"\| vera \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
+                     r"(\d\.\d{3}|< 0\.001)\*? \|", shown)
+    assert_figure(fig.with_name("d_intervals"))
+    # without the flag the table is drawn from the runs without predictions, as before
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and table.read_text() == md, res.stderr[-3000:]
 
 
 def test_help_and_bad_input():
@@ -90,15 +113,21 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
     assert ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]).lr_grid == {"*": [1e-3, 1e-2]}
     assert not ds.parse([]).group_by_length
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
-    specs, _, _ = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "--ranks"]))
-    assert [s.train["group_by_length"] for s in specs] == [True] * 4  # 2 datasets × 2 methods
+    specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera",
+                                                 "--ranks"]))
+    assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
+    assert references == {("full", None): 8, ("vera", 384): 8}  # each against LoRA at r = 8
+    assert {s.measure for s in specs} == {("weights",)}  # the committed runs' ids
+    with_predictions = ds.plan(ds.parse(["--paper", "--variants", "lora", "--ranks", "--intervals"]))[0]
+    assert {s.measure for s in with_predictions} == {("weights", "predictions")}
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
                          "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
                          "test_macro_f1": 0.5, "trainable_params": 100, "lr": [3e-5, 3e-3, 1e-2],
+                         "lr_status": ["low edge", "interior", "interior"],
                          "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0})
     md = ds.table(rows, {}, 10_000, args)
-    assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of own grid
+    assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of what was tried
     assert "its variant's grid (full: 3e-05, 0.0001, 0.0003; vera:" in md
 
 
@@ -106,7 +135,71 @@ def test_seconds_per_epoch_is_the_median_over_seeds():
     ds = study()
     rows = pd.DataFrame({"dataset": "trec", "variant": "lora", "rank": 8, "seed": [0, 1, 2],
                          "test_accuracy": 0.8, "test_macro_f1": 0.8, "trainable_params": 10,
-                         "lr": 1e-3, "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
+                         "lr": 1e-3, "lr_status": "interior",
+                         "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
                          "peak_mem_mb": 1.0})
     assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3",
                                                                  "1e-2"]))
+
+
+def scored_rows(correct: dict) -> pd.DataFrame:
+    """Table rows of one dataset with ``test_correct``: {(variant, rank): [scores per seed]}."""
+    rows = [{"dataset": "movies", "variant": v, "rank": r, "seed": seed, "test_correct": encode_correct(c),
+             "test_accuracy": 0.8, "test_macro_f1": 0.5, "trainable_params": 100, "lr": 1e-2,
+             "lr_status": "interior",
+             "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0}
+            for (v, r), seeds in correct.items() for seed, c in enumerate(seeds)]
+    return pd.DataFrame(rows)
+
+
+def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for_a_planted_gap(tmp_path):
+    ds = study()
+    rng = np.random.default_rng(0)
+    lora = [rng.random(2000) < 0.8 for _ in range(3)]
+    better = []
+    for c in lora:  # 100 of the examples LoRA gets wrong made right: +5 points in every seed
+        c = c.copy()
+        c[rng.choice(np.flatnonzero(~c), 100, replace=False)] = True
+        better.append(c)
+    rows = scored_rows({("lora", 8): lora, ("dora", 8): [c.copy() for c in lora],
+                        ("vera", 384): better, ("loha", 8): lora[:2]})
+    references = {("dora", 8): 8, ("vera", 384): 8, ("loha", 8): 8, ("full", None): 8}
+    diffs = ds.comparisons(rows, references).set_index("variant")
+    assert set(diffs.index) == {"dora", "vera", "loha"}  # full has no runs here
+    assert diffs.loc["dora", ["diff", "low", "high"]].tolist() == [0.0, 0.0, 0.0]
+    assert diffs.loc["dora", "p_holm"] == 1.0 and not diffs.loc["dora", "significant"]
+    assert diffs.loc["loha", "seeds"] == 2 and diffs.loc["loha", "diff"] == 0.0  # paired seeds only
+    assert diffs.loc["vera", "diff"] == pytest.approx(5.0, abs=1e-9)  # 100/2000 exactly, in points
+    assert 0 < diffs.loc["vera", "low"] < 5.0 < diffs.loc["vera", "high"]
+    # no replicate reaches 0: p = 1/(1 + 10,000) before Holm's factor of 3
+    assert diffs.loc["vera", "p_holm"] == pytest.approx(3 / 10_001) and diffs.loc["vera", "significant"]
+    args = ds.parse(["--lr-grid", "1e-2"])
+    md = ds.table(rows, {}, 10_000, args, ds.comparisons(rows, references))
+    assert "| dora | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
+    assert re.search(r"\| vera \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
+    assert "| lora | 8 |" in md and "| reference | — |" in md
+    assert "Holm-adjusted over the 3 comparisons of each dataset; * p < 0.05." in md
+    plain = rows.drop(columns="test_correct")  # runs without predictions: the table as before
+    assert ds.table(plain, {}, 10_000, args, ds.comparisons(plain, references)) == ds.table(
+        plain, {}, 10_000, args)
+    assert "Δ vs LoRA" not in ds.table(plain, {}, 10_000, args)
+    paths = ds.figure(rows, tmp_path / "d", diffs=ds.comparisons(rows, references))
+    assert [p.name for p in paths] == ["d.pdf", "d.png", "d_intervals.pdf", "d_intervals.png"]
+    assert_figure(tmp_path / "d_intervals")
+
+
+def test_the_auto_grid_and_the_extension_are_what_the_table_says():
+    ds = study()
+    args = ds.parse(["--lr-grid", "auto", "--lr-extend", "2"])
+    assert ds.lr_grid(args, "full") == [3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]  # 1e-2 × 0.03
+    assert ds.lr_grid(args, "lora") == [1e-3, 3.16228e-3, 1e-2, 3.16228e-2, 1e-1]
+    rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "lora"], "rank": [None, 8],
+                         "seed": 0, "test_accuracy": 0.9, "test_macro_f1": 0.5,
+                         "trainable_params": 100, "lr": [3e-5, 0.316228],
+                         "lr_status": ["interior", "high edge"], "seconds_per_epoch": 1.0,
+                         "peak_mem_mb": 1.0})
+    md = ds.table(rows, {}, 10_000, args)
+    assert "| 3e-05 |" in md and "| 0.316228† |" in md  # edges of the rates tried, not of the grid
+    assert ("† the best of the searched learning rates is at the edge of those tried (--lr-grid "
+            "auto: five rates half a decade apart around 0.01 × the variant's lr_scale). A search "
+            "whose best rate was at an edge stepped past it, up to 2 times;") in md

@@ -36,6 +36,7 @@ def test_the_optional_full_size_downstream_run_may_be_missing(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "skipped downstream --paper" in res.stdout
     assert (tmp_path / "paper_figures" / "downstream.png").exists()
+    assert (tmp_path / "paper_figures" / "downstream_lr.png").exists()  # every rate it searched
     assert (tmp_path / "results" / "downstream.md").exists()
 
 

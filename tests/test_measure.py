@@ -10,7 +10,15 @@ from torch import nn
 
 import lowrank as lr
 from lowrank import analysis as an
-from lowrank.sweep import MEASURES, RunSpec, run_one
+from lowrank.sweep import (
+    MEASURES,
+    RunSpec,
+    decode_correct,
+    encode_correct,
+    read_results,
+    run_one,
+    write_atomic,
+)
 from lowrank.train import TrainConfig, fgsm, pgd, robust_accuracy, train
 
 
@@ -99,7 +107,7 @@ def test_run_one_adds_the_measured_columns():
 def test_an_unknown_measure_is_one_sentence():
     with pytest.raises(ValueError, match=r"measure \['spectra'\] is unknown; choose from weights"):
         run_one(RunSpec("digits", "lora", 2, 0, 1e-2, measure=("spectra",)))
-    assert set(MEASURES) == {"weights", "robustness"}
+    assert set(MEASURES) == {"weights", "robustness", "predictions"}
 
 
 def test_every_row_carries_its_dev_curve():
@@ -110,3 +118,39 @@ def test_every_row_carries_its_dev_curve():
     assert [step for step, _ in curve] == [10, 20, 30]  # each evaluation, the last at the end
     assert curve[-1][1] == pytest.approx(row["dev_accuracy"], rel=1e-5)  # 6 significant digits
     assert all(0 <= acc <= 1 for _, acc in curve)
+
+
+def test_predictions_are_the_test_split_scored_example_by_example():
+    spec = RunSpec("digits", "lora", 4, 0, 3e-2, train={"steps": 60}, measure=("predictions",))
+    row = run_one(spec)
+    task = lr.tasks.get("digits")
+    scores = decode_correct(row["test_correct"])
+    assert len(scores) == len(task.split("test")) == 179 and set(scores) == {0.0, 1.0}
+    # test_accuracy is a float32 mean of the same 0/1 scores: within float32's rounding of k/n
+    assert row["test_accuracy"] == pytest.approx(scores.mean(), abs=1e-7)
+    assert len(row["test_correct"]) == len(scores)  # one byte per example
+    assert spec.run_id != RunSpec("digits", "lora", 4, 0, 3e-2, train={"steps": 60}).run_id
+
+
+def test_scores_survive_the_csv_with_their_leading_zeros(tmp_path):
+    import pandas as pd
+
+    text = encode_correct(torch.tensor([False, False, True, True, False]))
+    assert text == "00110"
+    write_atomic(pd.DataFrame({"run_id": ["a", "b"], "test_correct": [text, None]}), tmp_path / "r.csv")
+    df = read_results(tmp_path / "r.csv")
+    assert df["test_correct"].iloc[0] == "00110" and pd.isna(df["test_correct"].iloc[1])
+    assert decode_correct(df["test_correct"].iloc[0]).tolist() == [0, 0, 1, 1, 0]
+    naive = pd.read_csv(tmp_path / "r.csv")["test_correct"].iloc[0]  # pandas alone: the number 110
+    with pytest.raises(ValueError, match=r"test_correct=.* is not a string of 0s and 1s; read the CSV "
+                                         r"with lowrank.sweep.read_results"):
+        decode_correct(naive)
+
+
+def test_a_task_without_per_example_scores_says_so_before_training(monkeypatch):
+    import lowrank.sweep.run as run
+
+    monkeypatch.setattr(run, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match="measure 'predictions' needs per-example test scores, which "
+                                         "task 'synthetic' .* classification task: digits, mnist, text"):
+        run_one(RunSpec("synthetic", "lora", 2, 0, 1e-2, measure=("predictions",)))

@@ -12,6 +12,7 @@ from studyutil import load_study
 
 import lowrank as lr
 from lowrank import ablation, study
+from lowrank.sweep import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ["continual", "downstream", "overhead", "rank_ablation", "reconstruction", "robustness",
@@ -80,6 +81,9 @@ def test_every_study_refuses_an_unknown_variant_with_the_same_sentence(name, cap
     (["--lr-grid", "nan"], "argument --lr-grid: nan is not a learning rate"),
     (["--task", "text2"], "argument --task: unknown task 'text2'; choose from charlm"),
     (["--task-options", "[1]"], "argument --task-options: '[1]' is not a JSON object"),
+    (["--lr-extend", "-1"], "argument --lr-extend: -1 must be at least 0"),
+    (["--lr-grid", "auto", "1e-3"], "--lr-grid auto 0.001: auto stands alone; pass either auto or "
+                                    "learning rates"),
 ])
 def test_bad_numbers_and_names_are_refused_in_one_sentence(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -125,3 +129,132 @@ def test_the_shared_style_and_the_skeleton_name_no_variant(module):
     text = (ROOT / "lowrank" / module).read_text()
     named = [v for v in lr.variants() if re.search(rf"[\"']{v}[\"']", text)]
     assert named == []
+
+
+def searched_rows() -> pd.DataFrame:
+    """A tuned sweep's whole table: every rate at seed 0, the chosen one again at seed 1 (with
+    other scores, which the learning-rate figure must not draw); the dev optimum of lora is at
+    1e-2, of vera at 1e-1, of full at 1e-3; a diverged lora run at lr 1 in task b."""
+    import math
+
+    peak = {"lora": 1e-2, "vera": 1e-1, "full": 1e-3}
+    rows = []
+    for task in ("a", "b"):
+        for variant, rank in (("lora", 1), ("lora", 4), ("vera", 4), ("full", None)):
+            for seed, rates in ((0, [1e-3, 1e-2, 1e-1]), (1, [peak[variant]])):
+                for rate in rates:
+                    dev = 0.9 - 0.2 * abs(math.log10(rate / peak[variant])) - 0.5 * seed
+                    rows.append({"task": task, "variant": variant, "rank": rank, "seed": seed,
+                                 "lr": rate, "group_id": f"{task}{variant}{rank}", "status": "ok",
+                                 "task_options": "{}", "variant_options": "{}",
+                                 "metric": "accuracy", "selection_metric": "accuracy",
+                                 "higher_is_better": True, "dev_accuracy": dev,
+                                 "test_accuracy": dev - 0.05})
+    rows.append({**rows[0], "task": "b", "lr": 1.0, "group_id": "blora1", "status": "diverged",
+                 "dev_accuracy": float("nan"), "test_accuracy": float("nan")})
+    rows.append({**rows[0], "variant": "probe", "rank": None, "lr": None, "group_id": None})
+    return pd.DataFrame(rows)
+
+
+def drawn(monkeypatch, **kw):
+    """lr_sensitivity's figure, kept open: {panel title: axes}."""
+    from lowrank import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, stem: figs.append(fig) or [])
+    plots.lr_sensitivity(kw.pop("df", None) if "df" in kw else searched_rows(), "unused", **kw)
+    return {ax.get_title(): ax for ax in figs[0].axes if ax.get_visible()}
+
+
+def test_lr_figure_draws_every_rate_at_the_search_seed_and_fills_the_chosen_one(monkeypatch):
+    panels = drawn(monkeypatch)
+    assert list(panels) == ["a, r = 1", "a, r = 4", "b, r = 1", "b, r = 4"]
+    for title, ax in panels.items():
+        labelled = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+        variants = {"lora", "full"} | ({"vera"} if title.endswith("4") else set())
+        assert set(labelled) - {"dev", "test", "chosen on dev"} == variants  # full in every panel
+        vera = labelled.get("vera")
+        if vera is not None:  # seed 0's rates and dev scores, not seed 1's
+            assert list(vera.get_xdata()) == [1e-3, 1e-2, 1e-1]
+            assert list(vera.get_ydata()) == pytest.approx([0.5, 0.7, 0.9])  # 0.9 − 0.2 per decade
+        chosen = [ln for ln in ax.get_lines() if ln.get_gid() == "chosen"]
+        assert sorted(float(ln.get_xdata()[0]) for ln in chosen) == sorted(
+            {1e-2, 1e-3} | ({1e-1} if title.endswith("4") else set()))
+        assert all(ln.get_ydata()[0] == pytest.approx(0.9) for ln in chosen)
+        assert ax.get_xscale() == "log" and ax.get_xlabel() == "learning rate"
+    assert panels["a, r = 1"].get_ylabel() == "accuracy" and panels["a, r = 4"].get_ylabel() == ""
+    assert panels["a, r = 1"].get_ylim() == panels["a, r = 4"].get_ylim()  # a task's panels share y
+    crosses = [ln for ln in panels["b, r = 1"].get_lines() if ln.get_marker() == "x"]
+    assert [list(ln.get_xdata()) for ln in crosses] == [[1.0]]  # the diverged run, on the edge
+
+
+def test_lr_figure_panels_follow_the_columns_given(monkeypatch):
+    df = searched_rows()
+    df["training"] = ["plain" if r % 2 else "adversarial" for r in range(len(df))]
+    df["group_id"] = df["group_id"] + df["training"]
+    panels = drawn(monkeypatch, df=df, col="training")
+    assert sorted(panels) == ["a, adversarial", "a, plain", "b, adversarial", "b, plain"]
+
+
+def test_finish_draws_the_lr_figure_of_a_tuned_study_beside_its_figure(tmp_path, capsys):
+    args = argparse.Namespace(out=tmp_path / "t.csv", figure=tmp_path / "f" / "t", start=time.perf_counter())
+    figure = lambda df, stem: []  # noqa: E731 — the study's own figure is not the point here
+    assert study.finish(args, figure, searched_rows(), lr_search=searched_rows()) == 0
+    out = capsys.readouterr().out
+    assert f"figure: {args.figure}_lr.pdf, {args.figure}_lr.png" in out
+    from studyutil import assert_figure
+    assert_figure(tmp_path / "f" / "t_lr")
+    assert study.finish(args, figure, searched_rows(), lr_search=pd.DataFrame()) == 0
+    assert "no learning-rate search in the results to draw" in capsys.readouterr().err
+
+
+def test_the_auto_grid_is_centred_on_the_task_centre_times_the_variant_scale():
+    # half-decade log grids (6 significant digits) around 1e-2 × 0.03, 3e-2 × 3 and 3e-2 × 1
+    assert study.auto_grid(lr.sweep.RunSpec("text", "full", None, 0, 0.0)) == [
+        3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]
+    assert study.auto_grid(lr.sweep.RunSpec("digits", "vera", 4, 0, 0.0)) == lr.sweep.log_grid(0.09)
+    assert study.auto_grid(lr.sweep.RunSpec("synthetic", "lora", 4, 0, 0.0)) == [
+        3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1]
+    assert study.search_grid([1e-3, 1e-2]) == [1e-3, 1e-2] and study.search_grid("auto") is study.auto_grid
+
+
+@pytest.mark.parametrize("name", ["continual", "downstream", "rank_ablation", "robustness", "spectra"])
+def test_every_tuned_study_offers_the_auto_grid_and_the_extension_off_by_default(name, capsys):
+    args = parse(name, ["--plot-only"])
+    assert args.lr_extend == 0 and args.lr_grid != "auto"  # the committed CSVs stay valid
+    args = parse(name, ["--plot-only", "--lr-grid", "auto", "--lr-extend", "3"])
+    assert args.lr_extend == 3
+    assert args.lr_grid == ({"*": "auto"} if name == "downstream" else "auto")
+    with pytest.raises(SystemExit):
+        parse(name, ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lr-extend N" in help_text and "or auto: for each variant five rates" in help_text
+
+
+def test_the_ablation_searches_auto_grids_and_follows_an_optimum_past_them(tmp_path, monkeypatch):
+    """A stand-in run whose dev accuracy peaks at lr 1 for every variant: lora's auto grid on the
+    synthetic task (3e-3 … 0.3) has it just past its top edge, full's (9e-5 … 9e-3) far past."""
+    import json
+    import math
+
+    import lowrank.sweep.results as results
+
+    def run(spec):
+        dev = -abs(math.log10(spec.lr))
+        return {"run_id": spec.run_id, "group_id": spec.group_id, "task": spec.task,
+                "variant": spec.variant, "rank": spec.rank, "seed": spec.seed, "lr": spec.lr,
+                "status": "ok", "metric": "accuracy", "higher_is_better": True,
+                "task_options": json.dumps(spec.task_options), "variant_options": "{}",
+                "dev_accuracy": dev, "test_accuracy": dev}
+
+    monkeypatch.setattr(results, "run_one", run)
+    rows = ablation.run_ablation(tmp_path / "r.csv", task=["synthetic"], variants=["lora", "full"],
+                                 ranks=[4], seeds=1, lr_grid="auto", extend=2, progress=False)
+    df = read_results(tmp_path / "r.csv")
+    tried = {v: sorted(g["lr"]) for v, g in df.groupby("variant")}
+    # 0.3 is the top edge → 0.3²/0.0949 = 0.949, again the top → 3.0: now 0.949 is interior
+    assert tried["lora"] == [3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1, 0.948684, 3.0]
+    assert tried["full"][:5] == lr.sweep.log_grid(3e-2 * 0.03) and len(tried["full"]) == 7
+    said = dict(zip(rows["variant"], rows["lr_selection"]))
+    assert said["lora"].endswith("; interior")
+    assert said["full"].endswith("; capped at the high edge after 2 extensions")

@@ -144,6 +144,30 @@ def test_one_lora_step_changes_loss_and_evaluate_reports_metric(name):
     assert all(isinstance(v, float) and math.isfinite(v) for v in result.values())
 
 
+@pytest.mark.parametrize("name", [n for n in sorted(TINY) if HEADLINE[n] == "accuracy"])
+def test_classifiers_score_every_example_in_split_order_and_accuracy_is_their_mean(name):
+    task = tiny(name)
+    model = task.pretrained()
+    if name == "text":  # the fresh head barely separates the classes; a random one does
+        torch.nn.init.normal_(model.classifier.weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    tensors = task.split("test").tensors
+    with torch.no_grad():  # one batch, split order, no length sorting: the independent answer
+        direct = model.eval()(*tensors[:-1]).argmax(-1)
+    pred = task.predict(model.train(), "test", batch_size=4)  # several chunks
+    assert len(set(direct.tolist())) > 1  # predictions vary, so a shuffled order would show
+    assert torch.equal(pred, direct)
+    correct = task.correct(model, "test", batch_size=4)
+    assert correct.dtype == torch.bool and torch.equal(correct, direct == tensors[-1])
+    # the same scores behind both: equal as floats, not merely close
+    assert task.evaluate(model, "test", batch_size=4)["accuracy"] == float(correct.float().mean())
+    assert model.training  # modes restored
+
+
+def test_only_classifiers_have_per_example_scores():
+    for name in sorted(TINY):
+        assert isinstance(tiny(name), tasks.HasPerExampleScores) == (HEADLINE[name] == "accuracy")
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_loss_with_perturbation_moves_z(name):
     task = tiny(name)

@@ -164,6 +164,9 @@ class Adapter(nn.Module):
     name: ClassVar[str] = ""
     takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
     max_rank_reason: ClassVar[str] = ""  # why max_rank() bounds the rank, where it does
+    # The variant's learning rate relative to LoRA's on the same task: its default search grid
+    # is centred on the task's lr_centre × lr_scale (lowrank.study.auto_grid, --lr-grid auto).
+    lr_scale: ClassVar[float] = 1.0
 
     def __init__(
         self,

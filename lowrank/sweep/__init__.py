@@ -18,7 +18,7 @@ row), :mod:`.executors` (where runs execute), :mod:`.results` (the CSV, resume) 
 
 from .executors import execute
 from .results import read_results, saved_results, sweep, write_atomic
-from .run import MEASURES, ROBUST_PGD_STEPS, run_one, training_hooks
+from .run import MEASURES, ROBUST_PGD_STEPS, decode_correct, encode_correct, run_one, training_hooks
 from .spec import GROUP, KEY, RunSpec, provenance
 from .tuning import LEGACY_GROUP, best_lr, groups, log_grid, search_status, tuned_rows, tuned_sweep
 
@@ -30,6 +30,8 @@ __all__ = [
     "ROBUST_PGD_STEPS",
     "RunSpec",
     "best_lr",
+    "decode_correct",
+    "encode_correct",
     "execute",
     "groups",
     "log_grid",

@@ -16,6 +16,10 @@ from .executors import execute
 from .run import run_one
 from .spec import KEY, RunSpec
 
+# Columns that look like numbers but are not: per-example scores as "0110…" (read as text, or
+# pandas turns them into one large float).
+TEXT_COLUMNS = {"test_correct": str}
+
 
 def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame:
     """The results CSV as a DataFrame (empty when the file does not exist). With ``key``, a
@@ -24,7 +28,7 @@ def read_results(path: str | os.PathLike, key: str | None = KEY) -> pd.DataFrame
     path = Path(path)
     if not path.exists():
         return pd.DataFrame()
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype=TEXT_COLUMNS)
     if key is not None and key not in df.columns:
         raise ValueError(
             f"{path} exists but was not written by a lowrank sweep (no {key!r} column); "

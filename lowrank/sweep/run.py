@@ -8,13 +8,14 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import tasks
 from ..adapters.base import variant_class
 from ..analysis import weight_report
 from ..inject import inject
-from ..tasks.base import Task
+from ..tasks.base import HasPerExampleScores, Task
 from ..train import NonFiniteLossError, TrainConfig, fgsm, pgd, robust_accuracy, seed_everything, train
 from .spec import GROUP, KEY, RunSpec, provenance
 
@@ -45,9 +46,29 @@ def _robustness(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
                                                  pgd(eps, ROBUST_PGD_STEPS, config.seed, bounds))}
 
 
+def _predictions(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
+    """Column ``test_correct``: the test split's per-example score of the headline metric
+    (:func:`encode_correct`), for a paired comparison of two runs on the same examples."""
+    return {"test_correct": encode_correct(task.correct(model, "test"))}
+
+
+def encode_correct(correct: Any) -> str:
+    """Per-example right/wrong scores as a string with one character per example, in split
+    order: ``"1"`` right, ``"0"`` wrong (2,000 examples → 2,000 bytes in the CSV)."""
+    return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool).ravel())
+
+
+def decode_correct(text: Any) -> np.ndarray:
+    """The 0/1 scores of :func:`encode_correct`'s string, as a float array."""
+    if not (isinstance(text, str) and text and set(text) <= {"0", "1"}):
+        raise ValueError(f"test_correct={str(text)[:40]!r} is not a string of 0s and 1s; read the "
+                         "CSV with lowrank.sweep.read_results (pandas alone reads it as a number)")
+    return (np.frombuffer(text.encode(), dtype=np.uint8) - ord("0")).astype(np.float64)
+
+
 ROBUST_PGD_STEPS = 10
 # What RunSpec.measure may ask for after training: name → (model, task, config) → row columns.
-MEASURES = {"weights": _weights, "robustness": _robustness}
+MEASURES = {"weights": _weights, "robustness": _robustness, "predictions": _predictions}
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -56,6 +77,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"measure {unknown} is unknown; choose from {', '.join(MEASURES)}")
     task = _task(spec.task, json.dumps(spec.task_options, sort_keys=True))
+    if "predictions" in spec.measure and not isinstance(task, HasPerExampleScores):
+        scored = [n for n in tasks.names() if issubclass(tasks.task_class(n), HasPerExampleScores)]
+        raise ValueError(f"measure 'predictions' needs per-example test scores, which task "
+                         f"{spec.task!r} (metric {task.metric!r}) does not give; ask for it on a "
+                         f"classification task: {', '.join(scored)}")
     config = TrainConfig(seed=spec.seed, lr=spec.lr, quiet=True, **spec.train)
     seed_everything(spec.seed)
     model = task.pretrained()

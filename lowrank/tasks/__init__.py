@@ -14,7 +14,16 @@ import importlib
 import inspect
 from typing import Any
 
-from .base import HasAnalysis, HasInputBounds, HasLengths, Task, TrainTask, cache_dir
+from .base import (
+    Classification,
+    HasAnalysis,
+    HasInputBounds,
+    HasLengths,
+    HasPerExampleScores,
+    Task,
+    TrainTask,
+    cache_dir,
+)
 
 _REGISTRY = {
     "synthetic": "synthetic:Synthetic",
@@ -51,5 +60,5 @@ def get(name: str, **options: Any) -> Task:
     return cls(**options)
 
 
-__all__ = ["HasAnalysis", "HasInputBounds", "HasLengths", "Task", "TrainTask", "cache_dir", "get",
-           "names", "task_class"]
+__all__ = ["Classification", "HasAnalysis", "HasInputBounds", "HasLengths", "HasPerExampleScores",
+           "Task", "TrainTask", "cache_dir", "get", "names", "task_class"]

@@ -78,6 +78,15 @@ class HasLengths(Protocol):
 
 
 @runtime_checkable
+class HasPerExampleScores(Protocol):
+    """A task that scores each example of a split on its headline metric, in split order (a
+    classifier: True where the prediction is the label), so two models can be compared on the
+    same examples (:func:`lowrank.stats.paired_bootstrap`); the metric is their mean."""
+
+    def correct(self, model: nn.Module, split: str, batch_size: int = 512) -> Tensor: ...
+
+
+@runtime_checkable
 class HasAnalysis(Protocol):
     """A task that measures the trained model beyond :meth:`Task.evaluate` (e.g. against a
     planted ground truth); the columns are added to the run's metrics."""
@@ -103,6 +112,9 @@ class Task:
     selection_metric: str = ""
     # The box the continuous input z lives in (pixels: (0, 1)); attacks stay inside it. None: ℝ.
     input_bounds: tuple[float, float] | None = None
+    # LoRA's usual learning rate here: the centre of every variant's default search grid (times
+    # the variant's lr_scale; lowrank.study.auto_grid). Tasks set it from their committed sweeps.
+    lr_centre: float = 1e-2
 
     def __init__(self) -> None:
         self._base: nn.Module | None = None
@@ -173,6 +185,29 @@ class Task:
             outs.append(self.head(model, self.embed(model, batch), batch).float().cpu())
         return torch.cat(outs)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r})"
+
+
+class Classification(Task):
+    """A task scored by accuracy: every example is right or wrong (:meth:`correct`, in split
+    order), and the accuracy :meth:`Task.evaluate` reports is the mean of those scores.
+    Subclasses whose batches need care (e.g. padding) override :meth:`predict`."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def predict(self, model: nn.Module, split: str, batch_size: int = 512) -> Tensor:
+        """The arg-max class of every example of ``split``, in split order (eval mode, no
+        gradients; the model's modes are restored)."""
+        data = self.split(split).tensors
+        with evaluating(model):
+            return self.outputs(model, data, batch_size).argmax(-1)
+
+    def correct(self, model: nn.Module, split: str, batch_size: int = 512) -> Tensor:
+        """Per example of ``split``, in split order: whether :meth:`predict` is the label."""
+        return is_correct(self.predict(model, split, batch_size), self.split(split).tensors[-1])
+
     def forgetting_metrics(self, model: nn.Module, split: str, old: Sequence[Tensor],
                            batch_size: int = 512) -> dict[str, float]:
         """``accuracy`` on the downstream ``split``, ``old_accuracy`` on ``old`` (the same split
@@ -183,14 +218,10 @@ class Task:
             base = self.pretrained()
             with evaluating(base):
                 reference[split] = accuracy(self.outputs(base, old, batch_size), old[1])
-        new = self.split(split).tensors
+        acc = float(self.correct(model, split, batch_size).float().mean())
         with evaluating(model):
-            acc = accuracy(self.outputs(model, new, batch_size), new[1])
             old_acc = accuracy(self.outputs(model, old, batch_size), old[1])
         return {"accuracy": acc, "old_accuracy": old_acc, "forgetting": reference[split] - old_acc}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, metric={self.metric!r})"
 
 
 # ---------------------------------------------------------------------- small shared pieces
@@ -222,9 +253,14 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def is_correct(pred: Tensor, labels: Tensor) -> Tensor:
+    """Per example, whether the predicted class is the label: the scores accuracy is the mean of."""
+    return pred.cpu() == labels.cpu()
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose arg-max equals the label."""
-    return float((logits.argmax(-1) == labels.cpu()).float().mean())
+    """Fraction of rows whose arg-max equals the label (the mean of :func:`is_correct`)."""
+    return float(is_correct(logits.argmax(-1), labels).float().mean())
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:
