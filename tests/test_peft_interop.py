@@ -14,6 +14,8 @@ import pytest
 import torch
 from adapter_cases import perturb
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from safetensors.torch import load_file
 from torch import nn
 
 import lowrank as lr
@@ -365,3 +367,28 @@ def test_io_does_not_import_peft():
 
     source = open(lowrank.io.__file__).read()
     assert "import peft" not in source and "from peft" not in source
+
+
+# ----------------------------------------------------------------------------- the variants' formats
+def test_the_variants_with_a_peft_format_are_those_peft_trains():
+    """Every variant that declares a PEFT format gets this module's PEFT round trips."""
+    assert [n for n in lr.variants() if lr.variant_class(n).peft is not None] == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_variant_s_peft_format_is_what_peft_writes(tmp_path, variant):
+    """Adapter.peft is PEFT's own: a PEFT model built from the format's peft_type and config
+    fields saves them as given and, for an adapted layer, exactly the tensors the format names,
+    each of the shape of the lowrank tensor it maps; from_peft reads that file as the variant."""
+    fmt = lr.variant_class(variant).peft
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[fmt.peft_type](r=R, target_modules=["q"], **fmt.config)
+    get_peft_model(Net(), config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == fmt.peft_type
+    assert {k: saved[k] for k in fmt.config} == fmt.config
+    prefix = "base_model.model.q."
+    theirs = {k.removeprefix(prefix): tuple(t.shape)
+              for k, t in load_file(tmp_path / "adapter_model.safetensors").items() if k.startswith(prefix)}
+    ours = lr.make(variant, Net().q, rank=R).adapter_state()  # r = 4 ≠ out = 12: a swap shows
+    assert theirs == {fmt.tensors[k]: tuple(t.shape) for k, t in ours.items()}
+    assert {ad.name for ad in lr.adapters(lr.io.from_peft(Net(), tmp_path)).values()} == {variant}

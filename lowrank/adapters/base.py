@@ -18,8 +18,9 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -132,6 +133,18 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) % (2**63))
 
 
+@dataclass(frozen=True)
+class PeftFormat:
+    """How PEFT stores a variant (:attr:`Adapter.peft`): PEFT's ``peft_type``, the ``config``
+    fields that pick the variant within that type (``to_peft`` writes them; ``from_peft`` reads
+    a file as the variant whose fields it has, an absent field being False) and PEFT's name for
+    each tensor of :meth:`Adapter.adapter_state` (saved as ``base_model.model.<layer>.<name>``)."""
+
+    peft_type: str
+    config: Mapping[str, Any]
+    tensors: Mapping[str, str]
+
+
 class Adapter(nn.Module):
     """Base class: one frozen ``nn.Linear`` plus a learned update ΔW = ``delta_weight()``.
 
@@ -162,6 +175,7 @@ class Adapter(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    peft: ClassVar[PeftFormat | None] = None  # how PEFT stores the variant, if it has it
     takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
     max_rank_reason: ClassVar[str] = ""  # why max_rank() bounds the rank, where it does
     # The variant's learning rate relative to LoRA's on the same task: its default search grid
@@ -367,3 +381,11 @@ class Adapter(nn.Module):
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
         """Inverse of :meth:`adapter_state`; shapes are checked by the caller."""
         self.load_state_dict(state, strict=False)
+
+    def peft_export(self) -> tuple[PeftFormat, dict[str, Tensor], int, float] | None:
+        """(format, tensors by :meth:`adapter_state`'s names, PEFT's r, PEFT's alpha) from which
+        PEFT computes this adapter's ΔW over the unmodified W₀, or None where PEFT has no
+        equivalent: the variant's own :attr:`peft` and state by default."""
+        if self.peft is None:
+            return None
+        return self.peft, self.adapter_state(), self.rank, self.alpha

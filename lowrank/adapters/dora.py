@@ -51,6 +51,9 @@ class DoRA(LowRankAdapter):
     # the branch alone (adapter_forward) is x ΔWᵀ; the forward's route is add_adapter below
     branch = Adapter.branch
 
+    # PEFT stores DoRA as a LoRA with use_dora and the magnitude m
+    peft = LowRankAdapter.peft_lora(use_dora=True, m="lora_magnitude_vector")
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__(base, rank, alpha, dropout, seed)

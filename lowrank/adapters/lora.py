@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, register, widen
+from .base import Adapter, PeftFormat, register, widen
 
 
 class LowRankAdapter(Adapter):
@@ -106,6 +106,26 @@ class LowRankAdapter(Adapter):
             self.base.weight.copy_(w0 - self.scale * (state["B0"].to(w0) @ state["A0"].to(w0)))
         super().load_adapter_state(state)
 
+    @staticmethod
+    def peft_lora(*, use_rslora: bool = False, use_dora: bool = False, **tensors: str) -> PeftFormat:
+        """PEFT's LoRA format: A, B as lora_A, lora_B, the flags that pick the variant, and the
+        variant's further ``tensors`` (our name = PEFT's)."""
+        return PeftFormat("LORA", {"use_rslora": use_rslora, "use_dora": use_dora},
+                          {"A": "lora_A.weight", "B": "lora_B.weight", **tensors})
+
+    def peft_export(self) -> tuple[PeftFormat, dict[str, Tensor], int, float]:
+        """The variant's :attr:`peft`, or PEFT's plain LoRA for a variant without one (PiSSA,
+        MiLoRA, Frobenius, random alignment). Started from factors B₀A₀ the adapter trains on the
+        residual W₀ − s·B₀A₀, which PEFT's base model does not have: ΔW = s·(B A − B₀A₀) =
+        s·[B, −B₀][A; A₀] is written as a rank-2r LoRA over W₀ itself, with α' = 2α so that
+        PEFT's α'/(2r) is s (= α/r)."""
+        state = dict(self.adapter_state())
+        if self.A0 is None:
+            return self.peft or self.peft_lora(), state, self.rank, self.alpha
+        A0, B0 = state.pop("A0"), state.pop("B0")
+        state["A"], state["B"] = torch.cat([state["A"], A0]), torch.cat([state["B"], -B0], dim=1)
+        return self.peft_lora(), state, 2 * self.rank, 2 * self.alpha
+
 
 @register
 class LoRA(LowRankAdapter):
@@ -113,12 +133,18 @@ class LoRA(LowRankAdapter):
 
     name = "lora"
 
+    # PEFT stores A and B as lora_A and lora_B
+    peft = LowRankAdapter.peft_lora()
+
 
 @register
 class RsLoRA(LowRankAdapter):
     """rsLoRA: ΔW = (α/√r)·B A, init as LoRA (Kalajdzievski, 2023, arXiv 2312.03732)."""
 
     name = "rslora"
+
+    # PEFT stores rsLoRA as a LoRA with use_rslora
+    peft = LowRankAdapter.peft_lora(use_rslora=True)
 
     @property
     def scale(self) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, register
+from .base import Adapter, PeftFormat, register
 
 # One copy of each projection per (seed, shape, dtype, device), alive while an adapter uses it.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -60,6 +60,9 @@ class VeRA(Adapter):
 
     name = "vera"
     lr_scale = 3.0  # only the scaling vectors train: optima 2–20× LoRA's in the sweeps, text 3×
+
+    # PEFT stores VeRA's b and d as vera_lambda_b and vera_lambda_d
+    peft = PeftFormat("VERA", {}, {"b": "vera_lambda_b", "d": "vera_lambda_d"})
 
     @classmethod
     def useful_rank(cls, out_f: int, in_f: int, **options: Any) -> None:
