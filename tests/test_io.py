@@ -1,6 +1,7 @@
 """save_adapters / load_adapters: exact round trips for every variant, the file format, overwrite."""
 
 import json
+import stat
 from collections import OrderedDict
 
 import pytest
@@ -246,3 +247,13 @@ def test_saving_a_meta_model_says_it_has_no_data_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [], "a refused save left files behind"
     model.to_empty(device="cpu")  # the fix: real storage (then load the weights into it)
     assert lr.save_adapters(model, tmp_path / "ad").is_dir()
+
+
+def test_saved_directories_get_the_permissions_of_a_plain_mkdir(tmp_path):
+    """Both writers built the directory with tempfile.mkdtemp, whose 0700 was renamed into
+    place: an adapter the other users of a shared machine could not read."""
+    (tmp_path / "plain").mkdir()
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)  # what the umask allows
+    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], rank=2)
+    for path in (lr.save_adapters(model, tmp_path / "ad"), lr.io.to_peft(model, tmp_path / "peft")):
+        assert stat.S_IMODE(path.stat().st_mode) == plain, path.name

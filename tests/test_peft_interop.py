@@ -8,11 +8,15 @@ roundings (~1e-6 at these sizes); the tolerance is 1e-5.
 
 import copy
 import json
+from collections import OrderedDict
+from pathlib import Path
 
 import peft
 import pytest
 import torch
-from adapter_cases import perturb
+from adapter_cases import ALPHA as CASE_ALPHA
+from adapter_cases import RANK as CASE_RANK
+from adapter_cases import cases, perturb, pretrained_linear
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors.torch import load_file
@@ -325,7 +329,7 @@ def test_peft_inner_module_names_are_peft_s(config):
     """io's list of the submodules PEFT creates inside an adapted layer is PEFT's."""
     theirs = get_peft_model(Net(), config)
     inner = {n.split(".q.", 1)[1] for n, _ in theirs.named_modules() if ".q." in n}
-    assert inner == set(lr.io._PEFT_INNER[config.peft_type.lower()])
+    assert inner == set(lr.io.peft_format._PEFT_INNER[config.peft_type])
 
 
 @pytest.mark.parametrize(
@@ -365,8 +369,9 @@ def test_from_peft_on_the_wrong_model_or_a_damaged_file(tmp_path):
 def test_io_does_not_import_peft():
     import lowrank.io
 
-    source = open(lowrank.io.__file__).read()
-    assert "import peft" not in source and "from peft" not in source
+    for module in Path(lowrank.io.__file__).parent.glob("*.py"):  # every module of the package
+        source = module.read_text()
+        assert "import peft" not in source and "from peft" not in source, module.name
 
 
 # ----------------------------------------------------------------------------- the variants' formats
@@ -392,3 +397,27 @@ def test_a_variant_s_peft_format_is_what_peft_writes(tmp_path, variant):
     ours = lr.make(variant, Net().q, rank=R).adapter_state()  # r = 4 ≠ out = 12: a swap shows
     assert theirs == {fmt.tensors[k]: tuple(t.shape) for k, t in ours.items()}
     assert {ad.name for ad in lr.adapters(lr.io.from_peft(Net(), tmp_path)).values()} == {variant}
+
+
+@pytest.mark.parametrize(("name", "options"), cases())
+def test_every_variant_goes_to_peft_with_its_outputs_or_is_refused(tmp_path, name, options):
+    """to_peft asks each adapter (Adapter.peft_export): a registered variant that exports loads
+    into PEFT with the same outputs (to 1e-5, as above), one that does not is refused with its
+    name and nothing is written."""
+    base = nn.Sequential(OrderedDict(q=pretrained_linear(dtype=torch.float32)))
+    ours = lr.inject(copy.deepcopy(base), name, targets=["q"], rank=CASE_RANK, alpha=CASE_ALPHA,
+                     **options)
+    perturb(ours)
+    x = torch.randn(5, base.q.in_features, generator=torch.Generator().manual_seed(2))
+    if ours.q.peft_export() is None:
+        with pytest.raises(ValueError, match=rf"not {name!r}; save it with lr.save_adapters"):
+            lr.io.to_peft(ours, tmp_path / "peft")
+        assert not (tmp_path / "peft").exists()
+        return
+    lr.io.to_peft(ours, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    with torch.no_grad():
+        y_ours, y_theirs = ours.eval()(x), theirs.eval()(x)
+    d = diff(y_ours, y_theirs)
+    print(f"\nlowrank {name} {options} -> PEFT: max abs output diff {d:.2e}")
+    assert diff(y_ours, base(x)) > 0.1 and d < TOL
