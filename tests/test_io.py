@@ -154,6 +154,18 @@ def test_save_refuses_an_existing_plain_directory(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_saving_over_a_file_is_refused_and_keeps_the_file(tmp_path):
+    """overwrite=True replaces an adapter directory, not a file: the file was renamed aside
+    and the save then failed on it, leaving a hidden copy and the adapter in its place."""
+    (tmp_path / "ad").write_text("keep me")
+    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], rank=2)
+    for save in (lr.save_adapters, lr.io.to_peft):
+        with pytest.raises(FileExistsError, match=r"ad is a file, not an adapter directory"):
+            save(model, tmp_path / "ad", overwrite=True)
+    assert (tmp_path / "ad").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
 def test_save_load_with_a_shared_linear(tmp_path):
     pristine = Net(share=True)
     model = lr.inject(fresh_copy(pristine), "lora", targets=["shared", "q"], rank=2)

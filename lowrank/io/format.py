@@ -37,12 +37,14 @@ class AdapterFileError(ValueError):
 # --------------------------------------------------------------------------- directories
 def _writable(model: nn.Module, path: str | os.PathLike, overwrite: bool, verb: str
               ) -> tuple[Path, dict[str, Adapter]]:
-    """The adapters to write and the destination, refusing an empty model or, without
-    ``overwrite``, an existing path."""
+    """The adapters to write and the destination, refusing an empty model, a path that is a
+    file or, without ``overwrite``, an existing path."""
     ads = adapters(model)
     if not ads:
         raise ValueError(f"the model has no adapters to {verb}; call lr.inject(model, ...) first")
     path = Path(path)
+    if path.is_file():
+        raise FileExistsError(f"{path} is a file, not an adapter directory; choose another path")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
     return path, ads
