@@ -2,7 +2,7 @@
 
     lowrank ablate --quick                      # the rank ablation (lowrank.ablation)
     lowrank plot results/rank_ablation.csv      # redraw the rank-ablation figure from a CSV
-    lowrank inspect runs/lora-r8 [--json]       # what a saved adapter holds, without the model
+    lowrank inspect runs/adapter [--json]       # what a saved adapter holds, without the model
     lowrank reconstruct w.safetensors --ranks 1 2 4 8 [--out errors.csv]
 
 Exit codes: 0 success, 1 runtime failure (one sentence on stderr), 2 usage error.
@@ -19,32 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import ablation, analysis
-from .adapters.base import make
+from .adapters.base import variant_class
 from .files import atomic_path
 from .io import AdapterFileError, read_adapter_dir
 from .sweep import read_results, tuned_rows
-
-# Saved tensors that are trainable parameters, per variant (the rest are frozen buffers such
-# as PiSSA's A₀, B₀ or random alignment's fixed A). tests/test_cli.py checks this against
-# num_trainable() for every registered variant.
-TRAINABLE = {
-    "lora": ("A", "B"), "rslora": ("A", "B"), "pissa": ("A", "B"), "milora": ("A", "B"),
-    "frobenius": ("A", "B"), "random_alignment": ("B",), "dora": ("A", "B", "m"),
-    "vera": ("d", "b"), "adalora": ("P", "lam", "Q"), "loha": ("A1", "B1", "A2", "B2"),
-    "lokr": ("C", "A", "B"), "full": ("weight", "bias"),
-}
-# ΔW = s·(B A − B₀A₀) from the saved factors (B₀A₀ only when the file has them).
-BA_FAMILY = {"lora", "rslora", "pissa", "milora", "frobenius", "random_alignment"}
-# ΔW depends on W₀, which an adapter file does not hold.
-NEEDS_W0 = {"full": "ΔW = W − W₀ needs the base weight W₀, which the file does not hold",
-            "dora": "ΔW = m⊙(W₀+sBA)/‖W₀+sBA‖ − W₀ needs the base weight W₀, which the file "
-                    "does not hold"}
 
 
 class CLIError(Exception):
@@ -73,58 +56,14 @@ def plot(csv: Path, figure: Path | None) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- inspect
-def _scale(variant: str, options: dict[str, Any]) -> float:
-    rank = options["rank"]
-    alpha = options.get("alpha") or rank
-    return alpha / math.sqrt(rank) if variant == "rslora" else alpha / rank
-
-
-def delta_from_file(variant: str, options: dict[str, Any], shape: tuple[int, int],
-                    tensors: dict[str, Tensor]) -> Tensor | None:
-    """ΔW of one saved layer from its tensors alone, or None when ΔW needs W₀ (full, dora)."""
-    if variant in NEEDS_W0:
-        return None
-    t = {k: v.to(torch.float64) for k, v in tensors.items()}
-    if variant in BA_FAMILY:
-        s = _scale(variant, options)
-        dW = t["B"] @ t["A"]
-        if "A0" in t and "B0" in t:
-            dW = dW - t["B0"] @ t["A0"]
-        return s * dW
-    # Other variants' ΔW does not involve W₀: rebuild the adapter on a zero stand-in layer.
-    stand_in = nn.Linear(shape[1], shape[0], bias=False, dtype=torch.float64)
-    nn.init.zeros_(stand_in.weight)
-    ad = make(variant, stand_in, **options)
-    ad.load_adapter_state(t)
-    return ad.delta_weight().detach()
-
-
 def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
     """A summary of a saved adapter directory: format, versions, and per layer the variant,
     shape, rank, trainable parameter count (from the tensors) and ΔW's spectrum summary."""
     config, tensors = read_adapter_dir(path)
-    layers = []
-    for name, spec in config.get("layers", {}).items():
-        variant, options = spec["variant"], spec.get("options", {})
-        mine = {key: tensors[f"{name}::{key}"] for key in spec["tensors"]}
-        shape = (spec["out_features"], spec["in_features"])
-        row: dict[str, Any] = {
-            "name": name, "variant": variant, "out_features": shape[0], "in_features": shape[1],
-            "rank": options.get("rank", min(shape)),
-        }
-        if variant in TRAINABLE:
-            row["trainable_params"] = sum(v.numel() for key, v in mine.items()
-                                          if key in TRAINABLE[variant])
-        else:
-            row["trainable_params"] = None
-        dW = delta_from_file(variant, options, shape, mine)
-        row["delta"] = None if dW is None else analysis.spectrum_summary(dW, k)
-        row["note"] = NEEDS_W0.get(variant, "")
-        layers.append(row)
+    layers = [_inspect_layer(name, spec, tensors, k) for name, spec in config["layers"].items()]
     saved = config.get("modules_to_save", [])
     saved_params = sum(v.numel() for key, v in tensors.items()
                        if key.split("::")[0] in saved)
-    counts = [r["trainable_params"] for r in layers]
     return {
         "path": str(path),
         "format": config["format"],
@@ -133,8 +72,30 @@ def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
         "layers": layers,
         "modules_to_save": saved,
         "modules_to_save_params": saved_params,
-        "trainable_params": None if None in counts else sum(counts) + saved_params,
+        "trainable_params": sum(r["trainable_params"] for r in layers) + saved_params,
     }
+
+
+def _inspect_layer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor], k: int
+                   ) -> dict[str, Any]:
+    """One layer of :func:`inspect_adapter`, from what its variant's class says: the adapter
+    rebuilt on a stand-in of the saved shape tells its rank and which saved tensors train, and
+    ΔW comes from the saved tensors wherever they determine it."""
+    options, shape = spec["options"], (spec["out_features"], spec["in_features"])
+    mine = {key: tensors[f"{name}::{key}"] for key in spec["tensors"]}
+    try:
+        cls = variant_class(spec["variant"])
+        ad = cls.stand_in(*shape, **options)
+        dW = cls.delta_from_state(mine, *shape, **options)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CLIError(f"layer {name!r} does not rebuild as a {spec['variant']!r} adapter with the "
+                       f"file's options {options} ({e}); inspect it with the lowrank that saved it"
+                       ) from e
+    return {"name": name, "variant": cls.name, "out_features": shape[0], "in_features": shape[1],
+            "rank": ad.rank,
+            "trainable_params": sum(mine[key].numel() for key in ad.trainable_keys() if key in mine),
+            "delta": None if dW is None else analysis.spectrum_summary(dW, k),
+            "note": cls.delta_needs_w0}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -150,8 +111,7 @@ def format_inspection(info: dict[str, Any]) -> str:
     """The summary of :func:`inspect_adapter` as a readable table."""
     head = (f"{info['path']}: {info['format']} format v{info['format_version']}, written by "
             f"lowrank {info['lowrank_version']}; {len(info['layers'])} adapted layers, "
-            f"{info['trainable_params'] if info['trainable_params'] is not None else '?'} "
-            "trainable parameters")
+            f"{info['trainable_params']} trainable parameters")
     rows = []
     notes = []
     for r in info["layers"]:
@@ -252,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
         description="Summarise an adapter directory written by lr.save_adapters, without the "
         "model: format and lowrank version, and per layer the variant, shape, rank, trainable "
         "parameter count (from the tensors) and the spectrum of ΔW (Frobenius norm, effective "
-        "rank, stable rank, rank for 90% energy) where the saved tensors determine it (not "
-        "for full and dora, whose ΔW needs the base weight).")
+        "rank, stable rank, rank for 90% energy) where the saved tensors determine it (a note "
+        "says why where ΔW needs the base weight, which the file does not hold).")
     pi.add_argument("path", type=Path, metavar="PATH", help="adapter directory")
     pi.add_argument("--json", action="store_true", help="machine-readable JSON output")
     pr = sub.add_parser(

@@ -48,6 +48,8 @@ DEFAULTS = {"task": ["digits"], "variants": lr.variants(), "ranks": [1, 4, 16, 6
 QUICK = {"variants": ["full", "lora", "pissa", "vera", "adalora", "dora", "loha"],
          "ranks": [1, 4], "seeds": 1, "lr_grid": [3e-2], "steps": 100}
 NUMERICAL_TOL = 1e-5  # σᵢ/σ₁ above this counts towards the numerical rank
+# full fine-tuning's W − W₀ (and any variant without a rank) in every panel
+FULL_STYLE = {"color": plots.REFERENCE["color"], "ls": "--", "lw": 1.0}
 LAYER_COLUMNS = ["effective_rank", "eff_rank_over_r", "rank90", "stable_rank", "energy_in_rank",
                  "numerical_rank", "fro_norm", "w0_norm", "intruders", "test_score"]
 
@@ -160,13 +162,61 @@ def full_energy(table: pd.DataFrame, ranks: list[int]) -> pd.DataFrame:
                           aggfunc="mean")
 
 
+def ba_family(names: list[str]) -> list[str]:
+    """The variants among ``names`` whose ΔW is the B·A family's s·(BA − B₀A₀)
+    (``LowRankAdapter.delta_weight``): of rank ≤ r, or ≤ 2r when B₀A₀ is subtracted."""
+    return [v for v in names if lr.variant_class(v).delta_weight is lr.LowRankAdapter.delta_weight]
+
+
+def _spectrum_panel(ax, S: pd.DataFrame, names: list[str], free: set[str], styles: dict,
+                    r_star: int | None, title: str) -> None:
+    """σᵢ/σ₁ vs i of the variants ``names`` at rank ``r_star`` (the rank-free ones at theirs):
+    median over layers and seeds, interquartile band."""
+    for v in names:
+        g = S[(S["variant"] == v) & ((S["rank"] == r_star) if v not in free else True)]
+        if g.empty:
+            continue
+        q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
+        st = FULL_STYLE if v in free else {**styles[v], "markevery": 8, "markersize": 3}
+        ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
+        ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
+    if r_star:
+        ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(1e-9, 2)
+    ax.set_xlabel("index i")
+    ax.set_ylabel(r"$\sigma_i/\sigma_1$ of $\Delta W$")
+    ax.set_title(title)
+
+
+def _rank_panel(ax, L: pd.DataFrame, col: str, ranked: list[str], free: set[str], styles: dict,
+                ranks: list[int], ylabel: str, title: str) -> None:
+    """``col`` (layer mean) vs the allotted rank r: mean ± std over seeds, the rank-free variants
+    a band, y = r dotted."""
+    per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
+    s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
+    for _, f in s[s["variant"].isin(free)].iterrows():
+        plots.reference(ax, f["mean"], f["std"], color=FULL_STYLE["color"], lw=FULL_STYLE["lw"])
+    for v in ranked:
+        g = s[s["variant"] == v].sort_values("rank")
+        if len(g):
+            ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
+                        label=v, **styles[v])
+    if ranks:
+        ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("allotted rank r")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
     """One row per task: σᵢ/σ₁ of ΔW vs i at the rank nearest ``spectrum_rank`` for the B·A
-    family and for the other variants (median over layers and seeds, interquartile band; full
-    fine-tuning's W − W₀ in black), then effective rank and rank90 vs r (layer mean; mean ± std
-    over seeds; full fine-tuning a band, y = r dotted). ``df`` is the spectra study's table."""
-    # B·A adapters (rank ≤ r, ≤ 2r when B₀A₀ is subtracted); the rest get the second panel
-    ba_family = ("lora", "rslora", "pissa", "milora", "random_alignment", "frobenius")
+    family (:func:`ba_family`) and for the other variants (median over layers and seeds,
+    interquartile band; full fine-tuning's W − W₀ in black), then effective rank and rank90 vs r
+    (layer mean; mean ± std over seeds; full fine-tuning a band, y = r dotted). ``df`` is the
+    spectra study's table."""
     lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
     names = [t if not isinstance(d, str) or not d else f"{t} ({d})"
              for t, d in zip(df["task"], df["dataset"])]
@@ -177,48 +227,20 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
         raise ValueError("no layer rows to plot; run the study first")
     free = study.rank_free(lay["variant"])
     ranked = sorted(v for v in lay["variant"].unique() if v not in free)
+    family = ba_family(ranked)
+    groups = [family, [v for v in ranked if v not in family]]
     styles = plots.style_for(ranked)
-    full = {"color": plots.REFERENCE["color"], "ls": "--", "lw": 1.0}
     with plots.panels(len(tasks), 4, 2.0 * len(tasks) + 0.5) as (fig, axes):
         for row, task in zip(axes, tasks):
             L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
             ranks = sorted({int(r) for r in L["rank"].dropna()})
             r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
-            groups = [[v for v in ranked if v in ba_family], [v for v in ranked if v not in ba_family]]
             for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
-                for v in [*sorted(free), *group]:
-                    g = S[(S["variant"] == v) & ((S["rank"] == r_star) if v not in free else True)]
-                    if g.empty:
-                        continue
-                    q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
-                    st = full if v in free else {**styles[v], "markevery": 8, "markersize": 3}
-                    ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
-                    ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
-                if r_star:
-                    ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
-                ax.set_yscale("log")
-                ax.set_ylim(1e-9, 2)
-                ax.set_xlabel("index i")
-                ax.set_ylabel(r"$\sigma_i/\sigma_1$ of $\Delta W$")
-                ax.set_title(f"{task}: {title}, r = {r_star}")
-            for ax, col, ylab in ((row[2], "effective_rank", "effective rank of ΔW"),
-                                  (row[3], "rank90", "rank for 90 % energy")):
-                per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
-                s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
-                for _, f in s[s["variant"].isin(free)].iterrows():
-                    plots.reference(ax, f["mean"], f["std"], color=full["color"], lw=full["lw"])
-                for v in ranked:
-                    g = s[s["variant"] == v].sort_values("rank")
-                    if len(g):
-                        ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
-                                    label=v, **styles[v])
-                if ranks:
-                    ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log", base=2)
-                ax.set_xlabel("allotted rank r")
-                ax.set_ylabel(ylab)
-                ax.set_title(f"{task}, layer mean")
+                _spectrum_panel(ax, S, [*sorted(free), *group], free, styles, r_star,
+                                f"{task}: {title}, r = {r_star}")
+            for ax, col, ylabel in ((row[2], "effective_rank", "effective rank of ΔW"),
+                                    (row[3], "rank90", "rank for 90 % energy")):
+                _rank_panel(ax, L, col, ranked, free, styles, ranks, ylabel, f"{task}, layer mean")
         plots.legend_below(fig, axes, max_cols=7)
         return plots.save(fig, stem)
 

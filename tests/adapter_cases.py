@@ -1,77 +1,36 @@
 """Shared cases for the core tests: every registered variant, small layers, seeded data.
 
 The general identities are parametrised over ``lr.variants()`` so that a newly registered
-variant is covered without touching the tests. What differs between variants (which
-parameters train, how many) lives in the dicts below, keyed by variant name; a variant
-missing from :data:`TRAINABLE_SHAPES` fails ``test_every_variant_has_a_parameter_formula``.
+variant is covered without touching the tests. What differs between variants is what each
+variant's class states: its parameter formula (``trainable_shapes``, which the suite checks
+against the constructed adapter), whether it takes a rank (``takes_rank``) and the
+non-default options worth covering (``test_options``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank.adapters.lokr import lokr_shapes
 
 OUT, IN, RANK, ALPHA = 6, 9, 3, 6.0  # s = α/r = 2: a scale ≠ 1 so scaling bugs show
 
-# Trainable tensors of each variant for one (out × in) layer at rank r, as
-# {parameter name: shape}; their total is the variant's parameter formula.
-TRAINABLE_SHAPES = {
-    "lora": lambda o, i, r, bias: {"A": (r, i), "B": (o, r)},  # r(in + out)
-    "rslora": lambda o, i, r, bias: {"A": (r, i), "B": (o, r)},  # r(in + out)
-    "pissa": lambda o, i, r, bias: {"A": (r, i), "B": (o, r)},  # r(in + out)
-    "milora": lambda o, i, r, bias: {"A": (r, i), "B": (o, r)},  # r(in + out)
-    "frobenius": lambda o, i, r, bias: {"A": (r, i), "B": (o, r)},  # r(in + out)
-    "random_alignment": lambda o, i, r, bias: {"B": (o, r)},  # out·r
-    "full": lambda o, i, r, bias: {  # out·in + out
-        "base.weight": (o, i), **({"base.bias": (o,)} if bias else {})},
-    "dora": lambda o, i, r, bias: {"A": (r, i), "B": (o, r), "m": (o,)},  # r(in + out) + out
-    "vera": lambda o, i, r, bias: {"d": (r,), "b": (o,)},  # r + out
-    "adalora": lambda o, i, r, bias: {"P": (o, r), "lam": (r,), "Q": (r, i)},  # r(in + out + 1)
-    "loha": lambda o, i, r, bias: {  # 2r(in + out)
-        "B1": (o, r), "A1": (r, i), "B2": (o, r), "A2": (r, i)},
-    "lokr": lambda o, i, r, bias: _lokr(o, i, r),  # a·c + r(b + d), out = a·b, in = c·d
-}
+
+def formula(name: str) -> Callable[..., dict[str, tuple[int, ...]]]:
+    """The parameter formula of variant ``name``: ``(out, in, rank, bias, **options) ->
+    {parameter name: shape}`` of what trains (:meth:`lowrank.Adapter.trainable_shapes`)."""
+    return lr.variant_class(name).trainable_shapes
 
 
-def _lokr(o, i, r):
-    (a, c), (b, d) = lokr_shapes(o, i, -1, r)
-    assert a * b == o and c * d == i
-    return {"C": (a, c), "B": (b, r), "A": (r, d)}
-
-# Variants whose wrapped layer's own weight (and bias) train; every other variant must keep
-# the base layer frozen.
-BASE_TRAINS = {"full"}
-
-# Variants that take no rank (it is accepted for a uniform interface and ignored).
-RANK_FREE = {"full"}
-
-# Cases whose ΔW is exactly zero at init *and* whose base layer is the caller's untouched
-# W₀, so the output at init is bit-identical to the base layer's (B = 0 adds exact zeros).
-EXACT_AT_INIT = {"lora", "rslora", "frobenius", "random_alignment", "full",
-                 "dora", "vera", "adalora", "loha", "lokr"}
-
-# Non-default constructor options worth covering: the residual initialisations.
-EXTRA_OPTIONS = {
-    "frobenius": [{"init": "closed_form", "lam": 0.05}],
-    "pissa": [{"svd": "randomized"}],
-}
-
-
-def formula(name: str):
-    """The trainable-shape formula of ``name``, failing with what to do when it is missing."""
-    if name not in TRAINABLE_SHAPES:
-        pytest.fail(
-            f"variant {name!r} is registered but has no entry in TRAINABLE_SHAPES "
-            "(tests/adapter_cases.py): add its parameter formula"
-        )
-    return TRAINABLE_SHAPES[name]
+def base_trains(name: str, **options) -> bool:
+    """Whether the variant trains the wrapped layer's own weight, by its parameter formula."""
+    return "base.weight" in formula(name)(OUT, IN, RANK, True, **options)
 
 
 def case_id(name: str, options: dict) -> str:
@@ -79,10 +38,11 @@ def case_id(name: str, options: dict) -> str:
 
 
 def cases() -> list:
-    """pytest params (name, options) for every registered variant plus the extra options."""
+    """pytest params (name, options) for every registered variant: its defaults and its
+    ``test_options``."""
     out = []
     for name in lr.variants():
-        for options in [{}, *EXTRA_OPTIONS.get(name, [])]:
+        for options in [{}, *lr.variant_class(name).test_options]:
             out.append(pytest.param(name, options, id=case_id(name, options)))
     return out
 

@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 from adapter_cases import (
     ALPHA,
-    BASE_TRAINS,
-    EXACT_AT_INIT,
     IN,
     OUT,
     RANK,
     assert_close,
+    base_trains,
     build,
-    case_id,
     cases,
     formula,
     inputs,
@@ -31,7 +29,9 @@ DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id=
 
 @pytest.mark.parametrize("name", lr.variants())
 def test_every_variant_has_a_parameter_formula(name):
-    formula(name)  # fails with "add its parameter formula" for a variant missing from the dict
+    # Adapter.trainable_shapes raises "states no parameter formula" for a variant without one
+    shapes = formula(name)(OUT, IN, RANK, True)
+    assert shapes and all(isinstance(s, tuple) for s in shapes.values())
 
 
 # ----------------------------------------------------------------------------- 1. merge
@@ -122,9 +122,10 @@ def test_identity_at_init(name, options, dtype):
         dw = ad.delta_weight()
     assert_close(y, y_base, dtype, "output at init vs the base layer's")
     assert_close(dw, torch.zeros_like(dw), dtype, "ΔW at init")
-    if case_id(name, options) in EXACT_AT_INIT:
+    if ad.base is lin and not dw.any():
+        # the caller's W₀ and an exact zero ΔW (B = 0 adds exact zeros): no rounding anywhere, so
+        # the output is the base layer's bit for bit (a residual base, as pissa's, is rounded)
         assert torch.equal(y, y_base), "ΔW is exactly 0 at init, so the output should be exact"
-        assert torch.equal(dw, torch.zeros_like(dw))
 
 
 # ----------------------------------------------------------------------------- 3. gradients
@@ -134,7 +135,7 @@ def test_identity_at_init(name, options, dtype):
 @pytest.mark.parametrize(("name", "options"), CASES)
 def test_num_trainable_matches_the_formula(name, options, bias):
     ad, _, _, _ = build(name, options, bias=bias)
-    shapes = formula(name)(OUT, IN, RANK, bias)
+    shapes = formula(name)(OUT, IN, RANK, bias, **options)
     trainable = {n: tuple(p.shape) for n, p in ad.named_parameters() if p.requires_grad}
     assert trainable == shapes
     assert ad.num_trainable() == sum(torch.Size(s).numel() for s in shapes.values())
@@ -174,18 +175,18 @@ def test_gradients_reach_only_trainable_parameters(name, options):
     x = inputs().requires_grad_(True)
     loss = ad(x).square().sum() + ad.penalty()
     loss.backward()
-    expected = set(formula(name)(OUT, IN, RANK, True))
+    expected = set(formula(name)(OUT, IN, RANK, True, **options))
     for pname, p in ad.named_parameters():
         if pname in expected:
             assert p.requires_grad and p.grad is not None, f"{pname} got no gradient"
             assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, pname
         else:
             assert not p.requires_grad and p.grad is None, f"frozen {pname} got a gradient"
-    base_trains = name in BASE_TRAINS
-    assert ad.base.weight.requires_grad is base_trains
-    assert (ad.base.weight.grad is not None) is base_trains
-    assert ad.base.bias.requires_grad is base_trains
-    assert (ad.base.bias.grad is not None) is base_trains
+    trains = base_trains(name, **options)
+    assert ad.base.weight.requires_grad is trains
+    assert (ad.base.weight.grad is not None) is trains
+    assert ad.base.bias.requires_grad is trains
+    assert (ad.base.bias.grad is not None) is trains
     assert x.grad is not None  # the input gradient still flows through the adapter
     for bname, b in ad.named_buffers():
         assert not b.requires_grad, f"buffer {bname} requires grad"
@@ -227,13 +228,13 @@ def test_base_is_frozen_through_an_adamw_step(name, options):
     assert float(loss.detach()) > 1e-3
     loss.backward()
     opt.step()
-    trained = set(formula(name)(OUT, IN, RANK, True))
+    trained = set(formula(name)(OUT, IN, RANK, True, **options))
     for n, p in ad.named_parameters():
         changed = not torch.equal(p.detach(), params_before[n])
         assert changed is (n in trained), f"{n}: changed={changed}, trainable={n in trained}"
     for n, b in ad.named_buffers():
         assert torch.equal(b, buffers_before[n]), f"buffer {n} changed in a training step"
-    if name in BASE_TRAINS:
+    if base_trains(name, **options):
         assert not torch.equal(ad.base.weight, w_before)
         assert not torch.equal(ad.base.bias, b_before)
     else:
@@ -271,7 +272,7 @@ def test_callers_linear_is_never_mutated(name, options):
         opt.zero_grad()
         (ad(x).square().mean() + ad.penalty()).backward()
         opt.step()
-    if name in BASE_TRAINS:
+    if base_trains(name, **options):
         # full fine-tuning trains the wrapped layer's own weight, by design
         assert not torch.equal(lin.weight, w0)
         assert torch.equal(ad.w0, w0), "full must keep the pretrained W₀ for ΔW"
@@ -290,3 +291,37 @@ def test_construction_is_deterministic_given_the_seed(name, options):
     assert s1.keys() == s2.keys() == s3.keys()
     for k in s1:
         assert torch.equal(s1[k], s2[k]) and torch.equal(s1[k], s3[k]), k
+
+
+# ----------------------------------------------------------------------------- 6. without the base layer
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_trainable_keys_are_the_saved_tensors_that_train(name, options):
+    """trainable_keys() names exactly the adapter_state() entries that are trainable parameters
+    (the same storage), on the adapter and on a stand-in of its shape alike."""
+    ad, *_ = build(name, options)
+    state, keys = ad.adapter_state(), ad.trainable_keys()
+    trained = {p.data_ptr() for p in ad.parameters() if p.requires_grad}
+    assert {state[k].data_ptr() for k in keys} == trained
+    assert sum(state[k].numel() for k in keys) == ad.num_trainable()
+    assert type(ad).stand_in(OUT, IN, **ad.config()).trainable_keys() == keys
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_delta_from_state_is_the_adapters_or_declared_to_need_w0(name, options):
+    """ΔW from the saved state alone (on a stand-in with W₀ = 0) is the adapter's ΔW, or the
+    variant says why it needs W₀, and then the stand-in's ΔW is indeed not the adapter's."""
+    ad, *_ = build(name, options)
+    perturb(ad)
+    cls, state, config = type(ad), ad.adapter_state(), ad.config()
+    dw = ad.delta_weight().detach()
+    got = cls.delta_from_state(state, OUT, IN, **config)
+    if not cls.delta_needs_w0:
+        assert got.dtype == torch.float64
+        assert_close(got, dw, torch.float64, "ΔW from the saved state vs delta_weight()")
+        return
+    assert got is None and "W₀" in cls.delta_needs_w0
+    on_zero = cls.stand_in(OUT, IN, **config)
+    on_zero.load_adapter_state(state)
+    assert float((on_zero.delta_weight().detach() - dw).abs().max()) > 0.1, "ΔW does not need W₀"

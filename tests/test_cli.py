@@ -107,7 +107,7 @@ def test_inspect_reports_ranks_counts_and_spectra(capsys, saved_lora):
 @pytest.mark.parametrize("variant", lr.variants())
 def test_inspect_agrees_with_the_adapter_for_every_variant(capsys, tmp_path, variant):
     """Trainable counts from the file equal num_trainable(); ΔW from the file alone equals
-    delta_weight() wherever it can be computed without W₀ (not for full and dora)."""
+    delta_weight() wherever it can be computed without W₀, and where not the note says why."""
     ad, *_ = build(variant, {}, dtype=torch.float32)
     perturb(ad)
     model = torch.nn.Sequential(ad)
@@ -117,15 +117,30 @@ def test_inspect_agrees_with_the_adapter_for_every_variant(capsys, tmp_path, var
     (row,) = json.loads(out)["layers"]
     assert (row["out_features"], row["in_features"]) == (OUT, IN)
     assert row["trainable_params"] == ad.num_trainable()
-    if variant in ("full", "dora"):
-        assert row["delta"] is None and "W₀" in row["note"]
+    if lr.variant_class(variant).delta_needs_w0:
+        assert row["delta"] is None and row["note"] == lr.variant_class(variant).delta_needs_w0
+        assert "W₀" in row["note"]
     else:
+        assert row["note"] == ""
         dW = ad.delta_weight().detach()
         assert float(dW.norm()) > 0.01
         expected = lr.analysis.spectrum_summary(dW)
         for key in ("fro_norm", "effective_rank", "stable_rank"):
             assert row["delta"][key] == pytest.approx(expected[key], rel=1e-5), key
-    assert row["rank"] == (min(OUT, IN) if variant == "full" else RANK)
+    assert row["rank"] == ad.rank == (RANK if lr.variant_class(variant).takes_rank else min(OUT, IN))
+
+
+def test_inspect_a_layer_its_options_do_not_rebuild_fails_with_one_line(capsys, tmp_path):
+    """A file from another lowrank (an option this one does not know) is refused in one sentence
+    that names the layer and the option, not with a traceback."""
+    model = lr.inject(TinyNet(), "vera", targets=["q"], rank=2)
+    path = lr.save_adapters(model, tmp_path / "vera")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["layers"]["q"]["options"]["bogus"] = 1
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, "inspect", str(path))
+    assert code == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("lowrank: error: layer 'q' does not rebuild as a 'vera' adapter") and "bogus" in err
 
 
 def test_inspect_a_damaged_adapter_fails_with_one_line(capsys, saved_lora):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from adapter_cases import Net, assert_close, formula, perturb
+from adapter_cases import Net, assert_close, perturb
 from torch import nn
 
 import lowrank as lr
@@ -132,7 +132,6 @@ def test_inject_passes_options_and_derives_distinct_layer_seeds():
 
 @pytest.mark.parametrize("name", lr.variants())
 def test_merge_all_unmerge_all_and_strip(name):
-    formula(name)
     net = Net()
     x = x_in()
     lr.inject(net, name, targets="all-linear", rank=2)
@@ -165,7 +164,6 @@ def test_merge_all_unmerge_all_and_strip(name):
 
 @pytest.mark.parametrize("name", lr.variants())
 def test_strip_of_a_merged_model(name):
-    formula(name)
     net = Net()
     x = x_in()
     lr.inject(net, name, targets=["q", r"blocks\.\d\.mlp\.2"], rank=2)

@@ -32,10 +32,12 @@ def test_adapter_laws_or_one_clear_error(variant, out_f, in_f, rank, dtype, bias
     torch.manual_seed(seed)
     pristine = nn.Sequential(nn.Linear(in_f, out_f, bias=bias).to(dtype))
     model = copy.deepcopy(pristine)
-    # above min(out, in) only SVD-initialised factors (and random_alignment's orthonormal A, above
-    # in) are impossible; the other variants take the rank, with a RankWarning where it is wasted
-    hi = {"pissa": min(out_f, in_f), "milora": min(out_f, in_f), "random_alignment": in_f}
-    if variant != "full" and not 1 <= rank <= hi.get(variant, rank):
+    # the largest rank the variant's maths admits (min(out, in) for SVD-initialised factors, in for
+    # random_alignment's orthonormal A), None for any (with a RankWarning where it is wasted); a
+    # variant without a rank ignores it
+    cls = lr.variant_class(variant)
+    hi = cls.max_rank(out_f, in_f) or rank
+    if cls.takes_rank and not 1 <= rank <= hi:
         with pytest.raises(ValueError, match=rf"rank={rank} is invalid for a {out_f}x{in_f} layer"):
             lr.inject(model, variant, targets=["0"], rank=rank, seed=seed)
         assert isinstance(model[0], nn.Linear)  # the model is untouched

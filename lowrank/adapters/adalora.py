@@ -32,6 +32,12 @@ class AdaLoRA(Adapter):
 
     name = "adalora"
 
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: object) -> dict[str, tuple[int, ...]]:
+        """P (out × r), λ (r), Q (r × in): r(out + in + 1)."""
+        return {"P": (out_f, rank), "lam": (rank,), "Q": (rank, in_f)}
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, orth_reg_weight: float = 0.1,
                  target_rank: int | None = None) -> None:

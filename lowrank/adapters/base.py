@@ -176,6 +176,12 @@ class Adapter(nn.Module):
 
     name: ClassVar[str] = ""
     peft: ClassVar[PeftFormat | None] = None  # how PEFT stores the variant, if it has it
+    # Why ΔW cannot be computed from a saved adapter_state() without the base weight W₀, in one
+    # sentence (lowrank inspect shows it); "" when the adapter's own tensors and config() fix ΔW.
+    delta_needs_w0: ClassVar[str] = ""
+    # Constructor options besides the defaults that change the maths (another initialisation),
+    # which the identity suite covers too.
+    test_options: ClassVar[tuple[dict[str, Any], ...]] = ()
     takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
     max_rank_reason: ClassVar[str] = ""  # why max_rank() bounds the rank, where it does
     # The variant's learning rate relative to LoRA's on the same task: its default search grid
@@ -389,3 +395,41 @@ class Adapter(nn.Module):
         if self.peft is None:
             return None
         return self.peft, self.adapter_state(), self.rank, self.alpha
+
+    # ----------------------------------------------------------------- without the base layer
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: Any) -> dict[str, tuple[int, ...]]:
+        """{parameter name: shape} of what trains on an (out_f × in_f) layer, with a bias or not, at
+        ``rank`` with the constructor ``options``: the variant's parameter formula, stated beside
+        its maths (the test suite checks it against the adapter's ``named_parameters()``)."""
+        raise NotImplementedError(f"variant {cls.name!r} states no parameter formula; define "
+                                  f"{cls.__name__}.trainable_shapes")
+
+    @classmethod
+    def stand_in(cls, out_f: int, in_f: int, **options: Any) -> Adapter:
+        """The variant built with ``options`` on a stand-in for an (out_f × in_f) layer that is not
+        at hand (``lowrank inspect`` reads a file without its model): weight and bias zero, in
+        float64. What trains does not depend on W₀, so :meth:`trainable_keys` holds for it."""
+        linear = nn.Linear(in_f, out_f, device="cpu", dtype=torch.float64)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        return cls(linear, **options)
+
+    def trainable_keys(self) -> list[str]:
+        """The keys of :meth:`adapter_state` whose tensors are trainable parameters."""
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        return [k for k in self.adapter_state() if k in trained]
+
+    @classmethod
+    def delta_from_state(cls, state: dict[str, Tensor], out_f: int, in_f: int,
+                         **options: Any) -> Tensor | None:
+        """ΔW (float64) of a saved layer from its :meth:`adapter_state` and :meth:`config` alone:
+        ``delta_weight()`` of a :meth:`stand_in` that loaded ``state``; None where ΔW needs W₀
+        (:attr:`delta_needs_w0`). The other variants' ΔW reads their own tensors only, and a
+        residual base W₀ − s·B₀A₀ is rebuilt from W₀ = 0, which leaves ΔW = s·(BA − B₀A₀)."""
+        if cls.delta_needs_w0:
+            return None
+        ad = cls.stand_in(out_f, in_f, **options)
+        ad.load_adapter_state({k: v.to(torch.float64) for k, v in state.items()})
+        return ad.delta_weight().detach()

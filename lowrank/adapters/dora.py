@@ -54,6 +54,15 @@ class DoRA(LowRankAdapter):
     # PEFT stores DoRA as a LoRA with use_dora and the magnitude m
     peft = LowRankAdapter.peft_lora(use_dora=True, m="lora_magnitude_vector")
 
+    delta_needs_w0 = ("ΔW = m⊙(W₀+sBA)/‖W₀+sBA‖ − W₀ needs the base weight W₀, which the file "
+                      "does not hold")
+
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: object) -> dict[str, tuple[int, ...]]:
+        """A, B as LoRA and the magnitude m (out): r(in + out) + out."""
+        return {**super().trainable_shapes(out_f, in_f, rank, bias), "m": (out_f,)}
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__(base, rank, alpha, dropout, seed)

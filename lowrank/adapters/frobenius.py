@@ -1,4 +1,7 @@
-"""Frobenius-regularised UVᵀ (seed 000): ΔW = U Vᵀ with the penalty λ(‖U‖²_F + ‖V‖²_F).
+"""Frobenius-regularised UVᵀ: ΔW = U Vᵀ with the penalty λ(‖U‖²_F + ‖V‖²_F).
+
+The low-rank approximation W ≈ UVᵀ that minimises ‖W − UVᵀ‖²_F + λ(‖U‖²_F + ‖V‖²_F) by
+gradient descent, made an adapter: the penalty is added to the task's loss.
 
 Stored as LoRA factors with U = √s·B and Vᵀ = √s·A, so the penalty is λ·s·(‖A‖²_F + ‖B‖²_F).
 By ‖X‖_* = min_{UVᵀ=X} ½(‖U‖² + ‖V‖²) (Srebro et al., 2005) the penalty is an implicit
@@ -25,6 +28,7 @@ class FrobeniusUV(LowRankAdapter):
     """
 
     name = "frobenius"
+    test_options = ({"init": "closed_form", "lam": 0.05},)
     max_rank_reason = ("init='closed_form' starts the factors at r of the closed form's "
                        "min(out, in) singular triplets")
 

@@ -18,6 +18,7 @@ class Full(Adapter):
     """
 
     name = "full"
+    delta_needs_w0 = "ΔW = W − W₀ needs the base weight W₀, which the file does not hold"
     takes_rank = False
     lr_scale = 0.03  # text: optima at 0.01–0.03× LoRA's; small MLPs 0.1–6× (an extension finds them)
 
@@ -59,3 +60,13 @@ class Full(Adapter):
         self.base.weight.copy_(state["weight"])
         if self.base.bias is not None:
             self.base.bias.copy_(state["bias"])
+
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int | None = None, bias: bool = True,
+                         **options: object) -> dict[str, tuple[int, ...]]:
+        """The layer's own weight (out × in) and bias (out): out·in + out; the rank plays no part."""
+        return {"base.weight": (out_f, in_f), **({"base.bias": (out_f,)} if bias else {})}
+
+    def trainable_keys(self) -> list[str]:
+        """Every saved tensor: they are the layer's own weight and bias, which train."""
+        return list(self.adapter_state())

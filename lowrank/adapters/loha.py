@@ -28,6 +28,12 @@ class LoHa(Adapter):
 
     name = "loha"
 
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: object) -> dict[str, tuple[int, ...]]:
+        """B₁, B₂ (out × r) and A₁, A₂ (r × in): 2r(in + out)."""
+        return {"B1": (out_f, rank), "A1": (rank, in_f), "B2": (out_f, rank), "A2": (rank, in_f)}
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0) -> None:
         super().__init__(base, rank, alpha, dropout, seed)

@@ -76,6 +76,13 @@ class LoKr(Adapter):
 
     name = "lokr"
 
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: Any) -> dict[str, tuple[int, ...]]:
+        """C (a × c), B (b × r), A (r × d) with out = a·b, in = c·d (:func:`lokr_shapes`): a·c + r(b + d)."""
+        (a, c), (b, d) = lokr_shapes(out_f, in_f, options.get("factor", -1), rank)
+        return {"C": (a, c), "B": (b, rank), "A": (rank, d)}
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, factor: int = -1) -> None:
         if type(factor) is not int or not (factor == -1 or factor > 0):

@@ -31,6 +31,12 @@ class LowRankAdapter(Adapter):
 
     trains_A: ClassVar[bool] = True
 
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: Any) -> dict[str, tuple[int, ...]]:
+        """A (r × in) unless frozen (``trains_A = False``) and B (out × r): r(in + out), or out·r."""
+        return {**({"A": (rank, in_f)} if cls.trains_A else {}), "B": (out_f, rank)}
+
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
                  dropout: float = 0.0, seed: int = 0, *,
                  rank_options: dict[str, Any] | None = None) -> None:

@@ -1,4 +1,7 @@
-"""Random alignment (seed 002): ΔW = s·B A with A a frozen random orthonormal basis; only B trains.
+"""Random alignment: ΔW = s·B A with A a frozen random orthonormal basis; only B trains.
+
+The input is aligned to a fixed random, orthonormalised low-dimensional basis, and only the linear
+map out of that low-dimensional space is learned.
 
 A's rows are the first r columns of Q from the QR factorisation of a seeded in×r Gaussian, so
 A Aᵀ = I_r; B starts at 0. With A fixed this is LoRA-FA (Zhang et al., 2023, arXiv 2308.03303)

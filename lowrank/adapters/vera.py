@@ -111,6 +111,12 @@ class VeRA(Adapter):
                 "projection_seed": self.projection_seed,
                 "projection_shape": list(self.projection_shape)}
 
+    @classmethod
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
+                         **options: Any) -> dict[str, tuple[int, ...]]:
+        """d (r) and b (out): r + out; the frozen A, B are shared and never saved."""
+        return {"d": (rank,), "b": (out_f,)}
+
 
 def _take_projections_after_load(module: VeRA, incompatible_keys: Any) -> None:
     module._take_projections()
