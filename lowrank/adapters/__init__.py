@@ -1,8 +1,14 @@
-"""Adapter variants. Importing this package registers every variant."""
+"""Adapter variants. Importing this package registers every variant: each module in it is
+imported, so a new variant is one new file here (its class registers itself with ``@register``)."""
 
-from . import adalora, dora, frobenius, full, loha, lokr, lora, random_alignment, svd_init, vera  # noqa: F401
+import importlib
+import pkgutil
+
 from .base import Adapter, RankWarning, make, register, variant_class, variants
 from .lora import LowRankAdapter
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["Adapter", "LowRankAdapter", "RankWarning", "make", "register", "variant_class",
            "variants"]
