@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from . import ablation, analysis
-from .adapters.base import variant_class
+from .adapters.registry import variant_class
 from .files import atomic_path
 from .io import AdapterFileError, read_adapter_dir
 from .sweep import read_results, tuned_rows

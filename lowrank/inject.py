@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.base import Adapter, grad_flags_kept_on_error, make, variant_class
+from .adapters.base import Adapter
+from .adapters.registry import grad_flags_kept_on_error, make, variant_class
 
 _REGEX_CHARS = set(".^$*+?{}[]\\|()")
 

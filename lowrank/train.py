@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .adapters.base import Adapter
 from .inject import adapters
-from .tasks.base import HasAnalysis, HasInputBounds, HasLengths, Perturb, Task, TrainTask, evaluating
+from .tasks.base import Task, evaluating
+from .tasks.protocols import HasAnalysis, HasInputBounds, HasLengths, Perturb, TrainTask
 
 Hook = Callable[[nn.Module, int], None]
 
@@ -338,7 +339,3 @@ def train(
         trainable_params=sum(p.numel() for p in params),
     )
 
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config as flat columns for a results row."""
-    return {k: v for k, v in asdict(config).items() if k != "quiet"}

@@ -4,7 +4,7 @@ with lowrank's once-per-process rank warnings not yet given."""
 import pytest
 import torch
 
-from lowrank.adapters import base as adapter_base
+from lowrank.adapters import ranks
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,4 +29,4 @@ def _seed_global_rng():
 def _rank_warnings_anew(monkeypatch):
     """RankWarning is issued once per process and (variant, shape, rank): give each test a fresh
     record, so whether a test sees the warning does not depend on which tests ran before it."""
-    monkeypatch.setattr(adapter_base, "_RANK_WARNED", set())
+    monkeypatch.setattr(ranks, "_RANK_WARNED", set())

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import lowrank as lr
 from lowrank import cli, plots
-from lowrank.adapters import base
+from lowrank.adapters import registry
 from lowrank.sweep import RunSpec, tuned_sweep
 
 NAME = "toy_diagonal"
@@ -76,7 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture()
 def toy(monkeypatch: pytest.MonkeyPatch) -> type[Diagonal]:
     """The toy registered for one test; the registry is the original one again afterwards."""
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     lr.register(Diagonal)
     return Diagonal
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lowrank as lr
-from lowrank.tasks.base import HasAnalysis, HasInputBounds, HasLengths, TrainTask
+from lowrank.tasks.protocols import HasAnalysis, HasInputBounds, HasLengths, TrainTask
 from lowrank.train import (
     NonFiniteLossError,
     TrainConfig,

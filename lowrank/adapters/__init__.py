@@ -4,8 +4,10 @@ imported, so a new variant is one new file here (its class registers itself with
 import importlib
 import pkgutil
 
-from .base import Adapter, RankWarning, make, register, variant_class, variants
+from .base import Adapter
 from .lora import LowRankAdapter
+from .ranks import RankWarning
+from .registry import make, register, variant_class, variants
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")

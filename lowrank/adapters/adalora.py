@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, register
+from .base import Adapter
+from .registry import register
 
 
 @register

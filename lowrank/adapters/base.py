@@ -1,4 +1,4 @@
-"""The Adapter contract and the variant registry.
+"""The Adapter contract (the registry is :mod:`.registry`, the tensor helpers :mod:`.ops`).
 
 An :class:`Adapter` wraps one frozen ``nn.Linear`` with pretrained weight W₀ and adds a
 learned update ΔW:  y = W₀x + b + ΔW x.  Every variant defines ΔW in exactly one place,
@@ -15,11 +15,7 @@ A hook on the base layer sees W₀x + b: the sum is written into y only when no 
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,104 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_REGISTRY: dict[str, type[Adapter]] = {}
-
-
-def register(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: add a variant to the registry under ``cls.name``."""
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"variant name {cls.name!r} is empty or already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def variants() -> list[str]:
-    """Sorted names of every registered variant."""
-    return sorted(_REGISTRY)
-
-
-def variant_class(name: str) -> type[Adapter]:
-    """The Adapter subclass registered as ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown variant {name!r}; choose one of: {', '.join(variants())}"
-        )
-    return _REGISTRY[name]
-
-
-def make(name: str, linear: nn.Linear, **options: Any) -> Adapter:
-    """Wrap one ``nn.Linear`` in the variant ``name`` (see ``lr.variants()``)."""
-    cls = variant_class(name)
-    with grad_flags_kept_on_error(linear):
-        return cls(linear, **options)
-
-
-@contextmanager
-def grad_flags_kept_on_error(module: nn.Module) -> Iterator[None]:
-    """Restore the ``requires_grad`` flags of ``module``'s parameters if the block raises, so a
-    failed construction leaves the caller's layer (or model) as it was."""
-    flags = [(p, p.requires_grad) for p in module.parameters()] if isinstance(module, nn.Module) else []
-    try:
-        yield
-    except BaseException:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        raise
-
-
-class RankWarning(UserWarning):
-    """A rank above the variant's :meth:`Adapter.useful_rank` for a layer: legal (PEFT accepts it
-    too), but the extra rank adds parameters and no expressiveness. Issued once per process for
-    each (variant, layer shape, rank, useful rank); silence it with
-    ``warnings.filterwarnings("ignore", category=lr.RankWarning)``."""
-
-
-_RANK_WARNED: set[tuple[str, int, int, int, int]] = set()  # (variant, out, in, rank, useful)
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the first
-    frame outside lowrank, the user's ``make``/``inject`` call (Python ≥ 3.12's
-    ``skip_file_prefixes``, by hand)."""
-    level, frame = 2, sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        level, frame = level + 1, frame.f_back
-    return level
-
-
-def widen(t: Tensor) -> Tensor:
-    """``t`` in at least float32 (half types widened, float64 kept): weights are summed in this
-    dtype and rounded once to the layer's."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, *,
-                inplace: bool = False) -> Tensor:
-    """y + s·h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
-
-    Out of place (``torch.addmm``, on autocast's lower-precision list, so under autocast it
-    casts y, h and M itself), ``y`` is left as it was. ``inplace=True`` adds into ``y`` (one
-    pass over the output fewer), for a ``y`` that nothing else can see; in-place ops are not
-    autocast's, so h and M are cast to y's dtype here, which is a no-op without autocast.
-    """
-    y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
-    if inplace and y.is_contiguous():  # y2 is a view of y
-        y2.addmm_(h2.to(y.dtype), M.mT.to(y.dtype), alpha=s)
-        return y  # y, not the view: autograd through a view of a modified tensor costs a pass
-    return torch.addmm(y2, h2, M.mT, alpha=s).view(y.shape)
-
-
-def runs_without_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs no hook: PyTorch's own condition for skipping the hook
-    machinery in ``nn.Module.__call__`` (the module's and the global forward, forward-pre,
-    backward and backward-pre hooks). Only then is its output a temporary no one else sees: a
-    forward hook may keep it, a backward hook returns it as a view of a custom Function."""
-    g = nn.modules.module
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or g._global_forward_hooks
-                or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
+from .ops import add_product, runs_without_hooks, widen
+from .ranks import warn_once
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -251,14 +151,11 @@ class Adapter(nn.Module):
             raise ValueError(f"rank={rank} is invalid {where}, as {cls.max_rank_reason}; choose "
                              f"an integer rank between 1 and {hi}")
         useful = cls.useful_rank(out_f, in_f, **options)
-        key = (cls.name, out_f, in_f, rank, useful)
-        if useful is not None and rank > useful and key not in _RANK_WARNED:
-            _RANK_WARNED.add(key)
-            warnings.warn(
-                f"rank={rank} {where} is over-complete: the update is as expressive at rank {useful} "
-                f"as at any larger rank, so the extra rank adds parameters only; pass rank <= "
-                f"{useful}, or filter lr.RankWarning to keep it (warned once)",
-                RankWarning, stacklevel=_caller_stacklevel())
+        if useful is not None and rank > useful:
+            warn_once((cls.name, out_f, in_f, rank, useful),
+                      f"rank={rank} {where} is over-complete: the update is as expressive at rank "
+                      f"{useful} as at any larger rank, so the extra rank adds parameters only; "
+                      f"pass rank <= {useful}, or filter lr.RankWarning to keep it (warned once)")
         return rank
 
     def _weight_values(self, init: str) -> Tensor:

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, add_product, register, widen
+from .base import Adapter
 from .lora import LowRankAdapter
+from .ops import add_product, widen
+from .registry import register
 
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:

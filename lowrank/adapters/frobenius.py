@@ -15,8 +15,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..linalg import frobenius_lowrank, truncated_svd
-from .base import register
 from .lora import LowRankAdapter
+from .registry import register
 
 
 @register

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, register
+from .base import Adapter
+from .registry import register
 
 
 @register

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, register
+from .base import Adapter
+from .registry import register
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, PeftFormat, register, widen
+from .base import Adapter, PeftFormat
+from .ops import widen
+from .registry import register
 
 
 class LowRankAdapter(Adapter):

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import register
 from .lora import LowRankAdapter
+from .registry import register
 
 
 @register

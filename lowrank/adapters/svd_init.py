@@ -12,8 +12,8 @@ from typing import Any
 from torch import nn
 
 from ..linalg import truncated_svd
-from .base import register
 from .lora import LowRankAdapter
+from .registry import register
 
 
 @register

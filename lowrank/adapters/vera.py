@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, PeftFormat, register
+from .base import Adapter, PeftFormat
+from .registry import register
 
 # One copy of each projection per (seed, shape, dtype, device), alive while an adapter uses it.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

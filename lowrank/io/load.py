@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..adapters.base import Adapter, make, variants
+from ..adapters.base import Adapter
+from ..adapters.registry import make, variants
 from ..inject import _named_modules, _set_module, adapters
 from .format import AdapterFileError, read_adapter_dir
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..adapters.base import Adapter, variant_class, variants
+from ..adapters.base import Adapter
+from ..adapters.registry import variant_class, variants
 from ..inject import _named_modules
 from .format import FORMAT, FORMAT_VERSION, AdapterFileError, _host, _saved_tensors, _writable, _write_dir
 from .load import _load

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from .. import tasks
-from ..adapters.base import variant_class
+from ..adapters.registry import variant_class
 from ..analysis import weight_report
 from ..inject import inject
-from ..tasks.base import HasPerExampleScores, Task
+from ..tasks.base import Task
+from ..tasks.protocols import HasPerExampleScores
 from ..train import NonFiniteLossError, TrainConfig, fgsm, pgd, robust_accuracy, seed_everything, train
 from .spec import GROUP, KEY, RunSpec, provenance
 
