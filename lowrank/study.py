@@ -35,26 +35,24 @@ from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atom
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (a rank, a count of seeds, steps ...)."""
+def _whole_number(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a rank, a count of seeds, steps ...)."""
+    return _whole_number(text, 1)
 
 
 def count(text: str) -> int:
     """argparse type: a whole number of at least 0 (how many extensions, retries ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
-    return value
+    return _whole_number(text, 0)
 
 
 def learning_rate(text: str) -> float:
