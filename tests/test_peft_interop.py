@@ -57,6 +57,17 @@ def diff(a, b):
     return float((a - b).detach().abs().max())
 
 
+def outputs_agree(ours, theirs, base, x, label):
+    """Eval outputs of ``ours`` and ``theirs`` on ``x`` agree to TOL while the adapters move
+    the output away from ``base``'s (by > 0.1, so nothing trivial is compared); returns ours."""
+    with torch.no_grad():
+        y_ours, y_theirs = ours.eval()(x), theirs.eval()(x)
+    d = diff(y_ours, y_theirs)
+    print(f"\n{label}: max abs output diff {d:.2e}")
+    assert diff(y_ours, base(x)) > 0.1 and d < TOL
+    return y_ours
+
+
 VARIANTS = ["lora", "rslora", "dora", "vera"]
 
 
@@ -71,11 +82,7 @@ def test_peft_trained_adapter_loads_into_lowrank(tmp_path, variant):
     assert {ad.name for ad in lr.adapters(ours).values()} == {variant}
     assert set(lr.adapters(ours)) == {"q", "v"}
     assert ours.lowrank_modules_to_save == ["head"]
-    with torch.no_grad():
-        y_theirs, y_ours = theirs.eval()(X), ours.eval()(X)
-    d = diff(y_ours, y_theirs)
-    print(f"\nPEFT {peft.__version__} {variant} -> lowrank: max abs output diff {d:.2e}")
-    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    outputs_agree(ours, theirs, base, X, f"PEFT {peft.__version__} {variant} -> lowrank")
     # the trained head came along and trains
     assert torch.equal(ours.head.weight, theirs.base_model.model.head.modules_to_save["default"].weight)
     assert ours.head.weight.requires_grad
@@ -91,11 +98,7 @@ def test_lowrank_adapter_loads_into_peft(tmp_path, variant):
         perturb(ours)
     lr.io.to_peft(ours, tmp_path / "peft")
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    with torch.no_grad():
-        y_theirs, y_ours = theirs.eval()(X), ours.eval()(X)
-    d = diff(y_ours, y_theirs)
-    print(f"\nlowrank {variant} -> PEFT {peft.__version__}: max abs output diff {d:.2e}")
-    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    y_ours = outputs_agree(ours, theirs, base, X, f"lowrank {variant} -> PEFT {peft.__version__}")
     # and back again: the exported directory reads into lowrank unchanged
     again = lr.io.from_peft(copy.deepcopy(base), tmp_path / "peft")
     assert diff(again.eval()(X), y_ours) < TOL
@@ -169,11 +172,7 @@ def test_to_peft_with_mixed_ranks_and_alphas_writes_patterns_peft_applies(tmp_pa
     for name, ad in lr.adapters(ours).items():
         layer = theirs.base_model.model.get_submodule(name)
         assert (layer.r["default"], layer.scaling["default"]) == (ad.rank, ad.scale), name
-    with torch.no_grad():
-        y_ours, y_theirs = ours.eval()(X), theirs.eval()(X)
-    d = diff(y_ours, y_theirs)
-    print(f"\nlowrank {variant} mixed ranks/alphas -> PEFT: max abs output diff {d:.2e}")
-    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    y_ours = outputs_agree(ours, theirs, base, X, f"lowrank {variant} mixed ranks/alphas -> PEFT")
     again = lr.io.from_peft(copy.deepcopy(base), tmp_path / "peft")
     assert {n: (a.rank, a.scale) for n, a in lr.adapters(again).items()} == {
         n: (a.rank, a.scale) for n, a in lr.adapters(ours).items()}
@@ -199,11 +198,7 @@ def test_b_a_family_exports_as_peft_lora_on_the_unmodified_base(tmp_path, varian
     k = 2 if residual else 1
     assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"]) == (k * R, k * ALPHA, {})
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")  # W₀ as it was
-    with torch.no_grad():
-        y_ours, y_theirs = ours.eval()(X), theirs.eval()(X)
-    d = diff(y_ours, y_theirs)
-    print(f"\nlowrank {variant} {options} -> PEFT LoRA r={k * R}: max abs output diff {d:.2e}")
-    assert diff(y_ours, base(X)) > 0.1 and d < TOL
+    y_ours = outputs_agree(ours, theirs, base, X, f"lowrank {variant} {options} -> PEFT LoRA r={k * R}")
     for name, ad in lr.adapters(ours).items():
         layer = theirs.base_model.model.get_submodule(name)
         assert diff(layer.get_delta_weight("default"), ad.delta_weight()) < TOL
@@ -416,8 +411,4 @@ def test_every_variant_goes_to_peft_with_its_outputs_or_is_refused(tmp_path, nam
         return
     lr.io.to_peft(ours, tmp_path / "peft")
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    with torch.no_grad():
-        y_ours, y_theirs = ours.eval()(x), theirs.eval()(x)
-    d = diff(y_ours, y_theirs)
-    print(f"\nlowrank {name} {options} -> PEFT: max abs output diff {d:.2e}")
-    assert diff(y_ours, base(x)) > 0.1 and d < TOL
+    outputs_agree(ours, theirs, base, x, f"lowrank {name} {options} -> PEFT")
