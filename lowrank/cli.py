@@ -86,14 +86,15 @@ def _inspect_layer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor], 
     try:
         cls = variant_class(spec["variant"])
         ad = cls.stand_in(*shape, **options)
-        dW = cls.delta_from_state(mine, *shape, **options)
+        rank, trained = ad.rank, ad.trainable_keys()
+        dW = ad.loaded_delta(mine)  # the same stand-in: one construction (one SVD for pissa)
     except (TypeError, ValueError, RuntimeError) as e:
         raise CLIError(f"layer {name!r} does not rebuild as a {spec['variant']!r} adapter with the "
                        f"file's options {options} ({e}); inspect it with the lowrank that saved it"
                        ) from e
     return {"name": name, "variant": cls.name, "out_features": shape[0], "in_features": shape[1],
-            "rank": ad.rank,
-            "trainable_params": sum(mine[key].numel() for key in ad.trainable_keys() if key in mine),
+            "rank": rank,
+            "trainable_params": sum(mine[key].numel() for key in trained if key in mine),
             "delta": None if dW is None else analysis.spectrum_summary(dW, k),
             "note": cls.delta_needs_w0}
 

@@ -322,11 +322,14 @@ class Adapter(nn.Module):
     def delta_from_state(cls, state: dict[str, Tensor], out_f: int, in_f: int,
                          **options: Any) -> Tensor | None:
         """ΔW (float64) of a saved layer from its :meth:`adapter_state` and :meth:`config` alone:
-        ``delta_weight()`` of a :meth:`stand_in` that loaded ``state``; None where ΔW needs W₀
-        (:attr:`delta_needs_w0`). The other variants' ΔW reads their own tensors only, and a
-        residual base W₀ − s·B₀A₀ is rebuilt from W₀ = 0, which leaves ΔW = s·(BA − B₀A₀)."""
-        if cls.delta_needs_w0:
+        :meth:`loaded_delta` of a :meth:`stand_in`; None where ΔW needs W₀ (:attr:`delta_needs_w0`)."""
+        return None if cls.delta_needs_w0 else cls.stand_in(out_f, in_f, **options).loaded_delta(state)
+
+    def loaded_delta(self, state: dict[str, Tensor]) -> Tensor | None:
+        """ΔW (float64) of this :meth:`stand_in` after it loads ``state``; None where ΔW needs W₀.
+        The variants' ΔW reads their own tensors only, and a residual base W₀ − s·B₀A₀ is rebuilt
+        from W₀ = 0, which leaves ΔW = s·(BA − B₀A₀)."""
+        if self.delta_needs_w0:
             return None
-        ad = cls.stand_in(out_f, in_f, **options)
-        ad.load_adapter_state({k: v.to(torch.float64) for k, v in state.items()})
-        return ad.delta_weight().detach()
+        self.load_adapter_state({k: v.to(torch.float64) for k, v in state.items()})
+        return self.delta_weight().detach()
