@@ -482,14 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
     specs, roles, model_params, references = plan(args)
-    if not args.plot_only:
+
+    def run() -> pd.DataFrame:  # the table needs every row of the CSV, probes included
         tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
                     args.out, extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
         add_probes(args)
-    try:
-        df = saved_results(args.out)
-    except FileNotFoundError as e:
-        print(f"{e}; run without --plot-only first", file=sys.stderr)
+        return saved_results(args.out)
+
+    df = study.results(args, run)
+    if df is None:
         return 1
     rows = reported(df, specs, args)
     diffs = comparisons(rows, references)
