@@ -3,7 +3,7 @@
 A study trains or measures something, writes one tidy CSV to ``results/<name>.csv`` and draws
 one figure to ``paper_figures/<name>.{pdf,png}``, where the name is the study's and gains the
 preset's (``<name>_quick`` with ``--quick``). :func:`parser` gives every study script the same
-output options (--out, --figure, --plot-only, --quiet and the presets such as --quick, whose
+output options (--out, --figure, --plot-only, --fresh, --quiet and the presets such as --quick, whose
 values an option given explicitly overrides) and, on request (:meth:`StudyParser.add_common`),
 the sweep's options: --variants (checked against the registry), --ranks, --seeds, --lr-grid
 (rates, or ``auto``: :func:`auto_grid`) with --lr-extend, --steps, --batch-size, --workers,
@@ -31,6 +31,7 @@ from . import plots, tasks
 from .adapters import variant_class, variants
 from .files import atomic_path
 from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atomic
+from .sweep.fingerprint import COLUMN, code_fingerprint
 
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
 
@@ -173,6 +174,7 @@ class StudyParser(argparse.ArgumentParser):
         super().__init__(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
                          formatter_class=_Help)
         self.name, self.root, self.presets = name, Path(root), presets
+        self.script: Path | None = None  # the study script, for the fingerprint of its own rows
         self.results = self.root / RESULTS
         self.defaults = dict(defaults or {})
         outputs = self.add_argument_group("outputs and presets")
@@ -190,6 +192,10 @@ class StudyParser(argparse.ArgumentParser):
             modes.add_argument(f"--{key}", action="store_true",
                                help=(f"{text}: {changes}" if changes else text).replace("%", "%%"))
         outputs.add_argument("--plot-only", action="store_true", help=plot_only)
+        outputs.add_argument("--fresh", action="store_true",
+                             help="run everything again, even runs the CSV holds from this very "
+                                  "code (without it, those are reused and rows of other code are "
+                                  "re-run); the old CSV is kept as <name>.previous.csv")
         outputs.add_argument("--quiet", action="store_true", help="no progress output")
 
     def add_common(self, *names: str, **helps: str) -> None:
@@ -224,6 +230,7 @@ class StudyParser(argparse.ArgumentParser):
         ns.run_name = "_".join([self.name, *(k for k in self.presets if getattr(ns, k))])
         ns.out = ns.out or self.results / f"{ns.run_name}.csv"
         ns.figure = ns.figure or self.root / FIGURES / ns.run_name
+        ns.script, ns.resumes = self.script, [ns.out]  # a study adds the other CSVs it resumes
         ns.start = time.perf_counter()
         return ns, rest
 
@@ -232,7 +239,9 @@ def parser(script: str, doc: str, **options: Any) -> StudyParser:
     """The :class:`StudyParser` of the study script at ``script`` (its ``__file__``): named
     after the file, with its outputs under the repository that holds the studies/ folder."""
     path = Path(script).resolve()
-    return StudyParser(path.stem, doc, path.parent.parent, prog=path.name, **options)
+    p = StudyParser(path.stem, doc, path.parent.parent, prog=path.name, **options)
+    p.script = path
+    return p
 
 
 def grid(names: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int | None]]:
@@ -251,15 +260,35 @@ def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str 
             tuned: bool = False) -> pd.DataFrame | None:
     """The rows a study reports: ``run()``, or with --plot-only the CSV at --out (with ``tuned``,
     its rows at each search group's dev-chosen learning rate); None, after saying on stderr
-    that the study has to run first, when that CSV holds no rows."""
+    that the study has to run first, when that CSV holds no rows. With --fresh, the CSVs the
+    study resumes from (``args.resumes``) are first moved aside (:func:`set_aside`). A table the
+    study computes itself (``key`` None: not a sweep's rows, which carry their own) is stamped
+    with the fingerprint of the code and the study script that made it
+    (:func:`lowrank.sweep.fingerprint.code_fingerprint`) and written to --out."""
     if not args.plot_only:
-        return run()
+        if args.fresh:
+            set_aside(args.resumes)
+        df = run()
+        if key is None and not df.empty:
+            df[COLUMN] = code_fingerprint(*[s for s in [args.script] if s])
+            write_atomic(df, args.out)
+        return df
     try:
         df = saved_results(args.out, key=key)
     except FileNotFoundError as e:
         print(f"{e}; run without --plot-only first", file=sys.stderr)
         return None
     return tuned_rows(df) if tuned else df
+
+
+def set_aside(paths: Iterable[str | os.PathLike]) -> None:
+    """Move each existing CSV in ``paths`` to ``<name>.previous.csv`` (replacing an older one),
+    so that a fresh run starts from nothing and the last results are still at hand."""
+    for path in map(Path, paths):
+        if path.exists():
+            kept = path.with_name(f"{path.stem}.previous{path.suffix}")
+            path.replace(kept)
+            print(f"--fresh: moved {path} to {kept}", file=sys.stderr)
 
 
 def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd.DataFrame | None, *,

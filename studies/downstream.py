@@ -61,6 +61,7 @@ from lowrank.sweep import (
     tuned_sweep,
     write_atomic,
 )
+from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
 from lowrank.train import PeakMemory
 
 ADAPTER_TARGETS = ["query", "value"]
@@ -254,19 +255,24 @@ def probe_row(args: argparse.Namespace, dataset: str) -> dict:
             "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
             "trainable_params": int(fits[c].coef_.size + fits[c].intercept_.size),
             "train_seconds": round(time.perf_counter() - start, 4), "peak_mem_mb": mem.peak,
-            "threads": torch.get_num_threads(), **provenance(), **metrics}
+            "threads": torch.get_num_threads(), **provenance(), **metrics,
+            COLUMN: code_fingerprint(__file__)}
 
 
 def add_probes(args: argparse.Namespace) -> None:
-    """Fit the probe of every dataset that the CSV does not hold yet, and append its row."""
+    """Fit the probe of every dataset that the CSV holds no row of made by this code (this script
+    and the run code: :func:`code_fingerprint`), and put its row in place of any older one."""
     if args.no_probe:
         return
-    df = read_results(args.out)
+    current = code_fingerprint(__file__)
     for dataset in args.datasets:
-        if not df.empty and probe_id(probe_options(args, dataset)) in set(df[KEY]):
+        df, key = read_results(args.out), probe_id(probe_options(args, dataset))
+        held = df[df[KEY] == key] if not df.empty else df
+        if not held.empty and COLUMN in held and (held[COLUMN] == current).all():
             continue
-        df = pd.concat([df, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True)
-        write_atomic(df, args.out)
+        rest = df[df[KEY] != key] if not df.empty else df
+        write_atomic(pd.concat([rest, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True),
+                     args.out)
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:

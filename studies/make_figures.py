@@ -7,6 +7,7 @@ full-size downstream run, ``downstream --paper``, is optional: hours of CPU).
 
     python studies/make_figures.py              # every figure whose CSV exists
     python studies/make_figures.py --only spectra downstream
+    python studies/make_figures.py --check      # is every committed row made by the code at hand?
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ FIGURES = [
     ("robustness", [], "results/robustness.csv"),
 ]
 OPTIONAL = {("downstream", "--paper")}
+# CSVs a study resumes from besides the one it draws (checked by --check, not drawn)
+RESUMED = [("spectra", [], "results/spectra_runs.csv")]
 
 
 def load(name: str):
@@ -44,12 +47,37 @@ def load(name: str):
     return module
 
 
+def check(names: list[str]) -> int:
+    """Print, per results CSV of ``names``, how many of its rows the code at hand did not make
+    (:func:`lowrank.sweep.fingerprint.stale`); 1 if any, else 0."""
+    from lowrank.sweep.fingerprint import code_fingerprint, stale
+    from lowrank.sweep.results import read_results
+
+    print(f"code fingerprint of runs: {code_fingerprint()}")
+    bad = 0
+    for name, extra, csv in [*FIGURES, *RESUMED]:
+        path = ROOT.parent / csv
+        if name in names and path.exists():
+            df = read_results(path, key=None)
+            n = int(stale(df, ROOT / f"{name}.py").sum())
+            bad += n
+            rerun = " ".join([f"studies/{name}.py", *extra])
+            print(f"{csv}: {n} of {len(df)} rows made by other code"
+                  + (f"; re-run {rerun}" if n else ""))
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     names = sorted({name for name, _, _ in FIGURES})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=names, default=names, metavar="STUDY",
                    help=f"studies to redraw (default all: {', '.join(names)})")
+    p.add_argument("--check", action="store_true",
+                   help="draw nothing; list the CSVs holding rows that the code at hand did not make "
+                        "(their code_fingerprint differs) and exit 1 if there are any")
     args = p.parse_args(argv)
+    if args.check:
+        return check(args.only)
     failed = []
     for name, extra, csv in FIGURES:
         if name not in args.only:

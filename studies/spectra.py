@@ -73,6 +73,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                     "lose a lot")
     args = p.parse_args(argv)
     args.runs = args.out.with_name(f"{args.out.stem}_runs.csv")
+    args.resumes.append(args.runs)
     if args.include is None:
         defaults = [p.results / name for name in DEFAULT_INCLUDES]
         args.include = [] if args.quick else [path for path in defaults if path.exists()][:1]

@@ -8,6 +8,7 @@ import pytest
 
 from lowrank import sweep as sw
 from lowrank.sweep import RunSpec, best_lr, read_results, sweep, tuned_sweep
+from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
 
 TRAIN = {"steps": 5, "batch_size": 32}
 
@@ -19,7 +20,8 @@ def fake_row(spec: RunSpec) -> dict:
             "seed": spec.seed, "lr": spec.lr, "status": "ok", "metric": "accuracy",
             "higher_is_better": True, "task_options": json.dumps(spec.task_options),
             "variant_options": json.dumps(spec.variant_options),
-            "dev_accuracy": score, "test_accuracy": score + spec.seed}
+            "dev_accuracy": score, "test_accuracy": score + spec.seed,
+            COLUMN: code_fingerprint()}
 
 
 def grid(n_ranks=3):

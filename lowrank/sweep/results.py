@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path
 from .executors import execute
+from .fingerprint import COLUMN, code_fingerprint
 from .run import run_one
 from .spec import KEY, RunSpec
 
@@ -60,24 +61,39 @@ def sweep(
     executor: str = "local",
     scheduler: str | None = None,
     progress: bool = True,
+    desc: str = "runs",
 ) -> pd.DataFrame:
-    """Run every spec whose run_id is not in ``out`` yet; append each row as it finishes.
+    """Run every spec that ``out`` holds no row of made by this code; append each row as it
+    finishes.
 
-    After each run the whole CSV is rewritten atomically, so the file on disk is always
-    complete and a sweep resumes after a crash or Ctrl-C with nothing lost or duplicated.
+    A row is reused when its run_id and its ``code_fingerprint``
+    (:func:`lowrank.sweep.fingerprint.code_fingerprint`) match; a row of the same run made by
+    other code is stale: it is run again and its row replaced. One line on stderr says how many
+    rows are reused, stale and new. After each run the whole CSV is rewritten atomically, so the
+    file on disk is always complete and a sweep resumes after a crash or Ctrl-C with nothing lost
+    or duplicated; a stale row stays until its run is replaced. ``desc`` labels the progress bar.
     ``executor``, ``workers`` and ``scheduler``: see :func:`lowrank.sweep.executors.execute`.
     Returns the whole table (old and new rows).
     """
     df = read_results(out)
-    done = set(df[KEY]) if len(df) else set()
-    pending = list(dict.fromkeys(s for s in specs if s.run_id not in done))
-    rows = df.to_dict("records")
-    bar = tqdm(total=len(pending), desc="runs", disable=not progress or not pending,
+    specs = list(dict.fromkeys(specs))
+    current = code_fingerprint()
+    made = df[COLUMN] if COLUMN in df else pd.Series("", index=df.index, dtype=object)
+    reusable = set(df.loc[made == current, KEY]) if len(df) else set()
+    wanted = {s.run_id for s in specs}
+    stale = (wanted & set(df[KEY] if len(df) else ())) - reusable
+    pending = [s for s in specs if s.run_id not in reusable]
+    if progress and specs:
+        print(f"{Path(out).name}, {desc}: {len(wanted) - len(pending)} runs reused (made by this code, "
+              f"{current}), {len(stale)} stale runs (other code) re-run, "
+              f"{len(pending) - len(stale)} new", file=sys.stderr)
+    rows = {row[KEY]: row for row in df.to_dict("records")} if len(df) else {}
+    bar = tqdm(total=len(pending), desc=desc, disable=not progress or not pending,
                file=sys.stderr)
     logs = Path(out).parent / f".{Path(out).stem}.submitit"  # submitit's job folder
     for row in execute(run_one, pending, workers, executor, scheduler, logs):
-        rows.append(row)
-        write_atomic(pd.DataFrame(rows), out)
+        rows[row[KEY]] = row  # in place of a stale row of the same run
+        write_atomic(pd.DataFrame(list(rows.values())), out)
         bar.update()
     bar.close()
-    return pd.DataFrame(rows) if rows else df
+    return pd.DataFrame(list(rows.values())) if rows else df

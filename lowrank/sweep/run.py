@@ -18,6 +18,7 @@ from ..inject import inject
 from ..tasks.base import Task
 from ..tasks.protocols import HasPerExampleScores
 from ..train import NonFiniteLossError, TrainConfig, fgsm, pgd, robust_accuracy, seed_everything, train
+from .fingerprint import COLUMN, code_fingerprint
 from .spec import GROUP, KEY, RunSpec, provenance
 
 
@@ -109,6 +110,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         **provenance(),
+        COLUMN: code_fingerprint(),
     }
     try:
         result = train(model, task, config, hooks=training_hooks(model, spec.variant, config.steps))

@@ -105,9 +105,10 @@ def tuned_sweep(
             raise ValueError(f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; "
                              "give it at least one rate")
     search: list[RunSpec] = []
-    for _ in range(extend + 1):
+    for i in range(extend + 1):
         search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
-        df = _with_groups(sweep(search, out, **execute), search)
+        desc = f"lr search, seed {seeds[0]}" + (f", extension {i}" if i else "")
+        df = _with_groups(sweep(search, out, desc=desc, **execute), search)
         status = search_status(df[df[GROUP].isin(grids)], seeds[0]).set_index("group")
         beyond = {g: _past_edge(status.at[g, "status"], status.at[g, "tried"]) for g in grids}
         beyond = {g: x for g, x in beyond.items() if x is not None and x not in grids[g]}
@@ -117,14 +118,15 @@ def tuned_sweep(
             grids[g] = sorted([*grids[g], x])
     lookup = status["lr"].to_dict()
     final = [replace(s, seed=seed, lr=lookup[s.group_id]) for s in base for seed in seeds]
-    df = _with_groups(sweep(final, out, **execute), search + final)
+    desc = f"chosen lr, seeds {seeds[0]}–{seeds[-1]}" if len(seeds) > 1 else "chosen lr"
+    df = _with_groups(sweep(final, out, desc=desc, **execute), search + final)
     selected = df[KEY].isin({s.run_id for s in final})
     earlier = df["lr_selected"].fillna(False).astype(bool) if "lr_selected" in df else False
     df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(grids))
     chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
     if "lr_selection" not in df:
         df["lr_selection"] = None
-    df["lr_selection"] = df["lr_selection"].where(df["lr_selected"], None)
+    df["lr_selection"] = df["lr_selection"].astype(object).where(df["lr_selected"], None)
     df.loc[selected, "lr_selection"] = [
         f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
         f"reused for the other seeds{_verdict(status.at[g, 'status'], extend)}"
