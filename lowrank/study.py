@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from . import plots, tasks
-from .adapters import variant_class, variants
+from .adapters import OptionError, variant_class, variants
 from .files import atomic_path
 from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atomic
 
@@ -250,10 +250,15 @@ def rank_free(names: Iterable[str]) -> set[str]:
 def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY,
             tuned: bool = False) -> pd.DataFrame | None:
     """The rows a study reports: ``run()``, or with --plot-only the CSV at --out (with ``tuned``,
-    its rows at each search group's dev-chosen learning rate); None, after saying on stderr
-    that the study has to run first, when that CSV holds no rows."""
+    its rows at each search group's dev-chosen learning rate); None, after saying why on stderr
+    in one sentence, when a variant option is unknown (the sweep checks them before any run) or
+    that CSV holds no rows."""
     if not args.plot_only:
-        return run()
+        try:
+            return run()
+        except OptionError as e:
+            print(e, file=sys.stderr)
+            return None
     try:
         df = saved_results(args.out, key=key)
     except FileNotFoundError as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..adapters.registry import check_options
 from ..files import atomic_path
 from .executors import execute
 from .run import run_one
@@ -66,11 +67,14 @@ def sweep(
     After each run the whole CSV is rewritten atomically, so the file on disk is always
     complete and a sweep resumes after a crash or Ctrl-C with nothing lost or duplicated.
     ``executor``, ``workers`` and ``scheduler``: see :func:`lowrank.sweep.executors.execute`.
-    Returns the whole table (old and new rows).
+    Every pending spec's variant options are checked before the first run starts
+    (:class:`~lowrank.adapters.registry.OptionError`). Returns the whole table (old and new rows).
     """
     df = read_results(out)
     done = set(df[KEY]) if len(df) else set()
     pending = list(dict.fromkeys(s for s in specs if s.run_id not in done))
+    for s in pending:  # a misspelt option fails here, at once, not in a worker mid-sweep
+        check_options(s.variant, s.variant_options)
     rows = df.to_dict("records")
     bar = tqdm(total=len(pending), desc="runs", disable=not progress or not pending,
                file=sys.stderr)
