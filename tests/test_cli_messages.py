@@ -4,12 +4,14 @@
 Usage errors (a bad flag value, an unknown variant or task) exit 2 through argparse; runtime
 failures exit 1 with one sentence on stderr and no traceback."""
 
+import os
 import pickle
+import stat
 import subprocess
 import sys
 
 import pytest
-from adapter_cases import cases
+from adapter_cases import TinyNet, cases
 from studyutil import STUDIES
 from torch import nn
 
@@ -113,3 +115,18 @@ def test_the_study_script_with_a_misspelt_option_says_so_in_one_sentence(tmp_pat
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and one_sentence(res.stderr), res.stderr[-3000:]
     assert "unknown option 'dropuot'" in res.stderr and "did you mean 'dropout'?" in res.stderr
+
+
+# --------------------------------------------------------------------------- permissions
+@pytest.mark.parametrize(("save", "tensors"), [(lr.save_adapters, lr.io.TENSORS),
+                                               (lr.to_peft, lr.io.PEFT_TENSORS)])
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_tensors_file_gets_the_config_file_s_permissions(tmp_path, save, tensors, umask):
+    model = lr.inject(TinyNet(), "lora", targets=["q"], rank=2)
+    old = os.umask(umask)
+    try:
+        path = save(model, tmp_path / "ad")
+    finally:
+        os.umask(old)
+    mode = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert mode == {tensors: 0o666 & ~umask, "adapter_config.json": 0o666 & ~umask}
