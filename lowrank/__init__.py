@@ -6,7 +6,16 @@
 
 from . import analysis, io, linalg, tasks
 from ._version import __version__
-from .adapters import Adapter, LowRankAdapter, RankWarning, make, register, variant_class, variants
+from .adapters import (
+    Adapter,
+    LowRankAdapter,
+    OptionError,
+    RankWarning,
+    make,
+    register,
+    variant_class,
+    variants,
+)
 from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
@@ -15,6 +24,7 @@ __all__ = [
     "Adapter",
     "AdapterFileError",
     "LowRankAdapter",
+    "OptionError",
     "RankWarning",
     "adapters",
     "analysis",

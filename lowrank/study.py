@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from . import plots, tasks
-from .adapters import variant_class, variants
+from .adapters import OptionError, variant_class, variants
 from .files import atomic_path
 from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atomic
 from .sweep.fingerprint import COLUMN, code_fingerprint
@@ -259,16 +259,21 @@ def rank_free(names: Iterable[str]) -> set[str]:
 def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY,
             tuned: bool = False) -> pd.DataFrame | None:
     """The rows a study reports: ``run()``, or with --plot-only the CSV at --out (with ``tuned``,
-    its rows at each search group's dev-chosen learning rate); None, after saying on stderr
-    that the study has to run first, when that CSV holds no rows. With --fresh, the CSVs the
-    study resumes from (``args.resumes``) are first moved aside (:func:`set_aside`). A table the
-    study computes itself (``key`` None: not a sweep's rows, which carry their own) is stamped
-    with the fingerprint of the code and the study script that made it
-    (:func:`lowrank.sweep.fingerprint.code_fingerprint`) and written to --out."""
+    its rows at each search group's dev-chosen learning rate); None, after saying why on stderr
+    in one sentence, when a variant option is unknown (the sweep checks them before any run) or
+    that CSV holds no rows. With --fresh, the CSVs the study resumes from (``args.resumes``) are
+    first moved aside (:func:`set_aside`). A table the study computes itself (``key`` None: not a
+    sweep's rows, which carry their own) is stamped with the fingerprint of the code and the
+    study script that made it (:func:`lowrank.sweep.fingerprint.code_fingerprint`) and written
+    to --out."""
     if not args.plot_only:
         if args.fresh:
             set_aside(args.resumes)
-        df = run()
+        try:
+            df = run()
+        except OptionError as e:
+            print(e, file=sys.stderr)
+            return None
         if key is None and not df.empty:
             df[COLUMN] = code_fingerprint(*[s for s in [args.script] if s])
             write_atomic(df, args.out)

@@ -150,7 +150,7 @@ def test_inspect_a_damaged_adapter_fails_with_one_line(capsys, saved_lora):
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "damaged" in err and "Traceback" not in err
     code, _, err = run(capsys, "inspect", str(path.parent / "nowhere"))
-    assert code == 1 and "not a lowrank adapter directory" in err
+    assert code == 1 and "is not an adapter directory" in err
 
 
 # --------------------------------------------------------------------------- reconstruct

@@ -7,10 +7,10 @@ import pkgutil
 from .base import Adapter
 from .lora import LowRankAdapter
 from .ranks import RankWarning
-from .registry import make, register, variant_class, variants
+from .registry import OptionError, make, register, variant_class, variants
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["Adapter", "LowRankAdapter", "RankWarning", "make", "register", "variant_class",
-           "variants"]
+__all__ = ["Adapter", "LowRankAdapter", "OptionError", "RankWarning", "make", "register",
+           "variant_class", "variants"]

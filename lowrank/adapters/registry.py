@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import difflib
+import inspect
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +14,13 @@ if TYPE_CHECKING:
     from .base import Adapter
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+# Constructor parameters that are not options: the wrapped layer, and what a subclass passes up
+# to Adapter.__init__ (the options its rank bounds read).
+_NOT_OPTIONS = {"self", "base", "rank_options"}
+
+
+class OptionError(TypeError):
+    """An option that the variant's constructor does not take (a misspelt ``alpha``, say)."""
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -36,9 +45,33 @@ def variant_class(name: str) -> type[Adapter]:
     return _REGISTRY[name]
 
 
+def option_names(name: str) -> list[str] | None:
+    """The options variant ``name`` takes: its constructor's keyword parameters after the layer,
+    in signature order; None when the constructor takes any keyword (``**kwargs``)."""
+    params = inspect.signature(variant_class(name).__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in _NOT_OPTIONS
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`OptionError` in one sentence, listing the valid options, when ``options``
+    has a name that variant ``name``'s constructor does not take."""
+    valid = option_names(name)
+    unknown = [k for k in options if valid is not None and k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))} for {name}{hint}; valid: {', '.join(valid)}")
+
+
 def make(name: str, linear: nn.Linear, **options: Any) -> Adapter:
-    """Wrap one ``nn.Linear`` in the variant ``name`` (see ``lr.variants()``)."""
+    """Wrap one ``nn.Linear`` in the variant ``name`` (see ``lr.variants()``); an option its
+    constructor does not take is an :class:`OptionError` naming the valid ones."""
     cls = variant_class(name)
+    check_options(name, options)
     with grad_flags_kept_on_error(linear):
         return cls(linear, **options)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,18 @@ def _saved_tensors(model: nn.Module, label: Callable[[str, str], str]
 
 def _write_dir(path: Path, files: dict[str, Any]) -> Path:
     """Write ``files`` ({name: tensor dict (safetensors) or JSON object}) as the directory
-    ``path`` atomically (:func:`lowrank.files.atomic_path`), replacing an existing ``path``."""
+    ``path`` atomically (:func:`lowrank.files.atomic_path`), replacing an existing ``path``.
+    Every file gets the permissions of a file Python creates under the umask (the JSON's):
+    safetensors writes its own private (0600) file."""
+    tensors = {name for name in files if name.endswith(".safetensors")}
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        for name, content in files.items():
-            if name.endswith(".safetensors"):
-                save_file(content, tmp / name)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
+        for name in files.keys() - tensors:
+            (tmp / name).write_text(json.dumps(files[name], indent=2, sort_keys=True))
+        mode = stat.S_IMODE((tmp / next(iter(files.keys() - tensors))).stat().st_mode)
+        for name in tensors:
+            save_file(files[name], tmp / name)
+            os.chmod(tmp / name, mode)
     return path
 
 

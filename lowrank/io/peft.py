@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..adapters.base import Adapter
 from ..adapters.registry import variant_class, variants
 from ..inject import _named_modules
-from .format import FORMAT, FORMAT_VERSION, AdapterFileError, _host, _saved_tensors, _writable, _write_dir
+from .format import AdapterFileError, _host, _saved_tensors, _writable, _write_dir
 from .load import _load
 from .peft_format import (
     _PEFT_INNER,
@@ -82,24 +81,39 @@ def _peft_layers(tensors: dict[str, torch.Tensor], names: dict[str, str]
     return layers, rest
 
 
-def _peft_saved_modules(model: nn.Module, config: dict[str, Any], rest: dict[str, torch.Tensor]
+def _owners(model: nn.Module | None, rest: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{module name: the names of its tensors}, parents first: the model's modules that hold
+    tensors, or without a model every leading part of the PEFT file's remaining tensor names
+    (a module's tensors being the names under it)."""
+    if model is not None:
+        return {n: list(sd) for n, m in _named_modules(model).items() if (sd := m.state_dict())}
+    owners: dict[str, list[str]] = {}
+    for key in (k[len(_PREFIX):] for k in rest if k.startswith(_PREFIX)):
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            owners.setdefault(".".join(parts[:i]), []).append(".".join(parts[i:]))
+    return owners
+
+
+def _peft_saved_modules(model: nn.Module | None, config: dict[str, Any], rest: dict[str, torch.Tensor]
                         ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """modules_to_save as PEFT resolves it, and the tensors it saved for them in lowrank's keys.
 
     PEFT (``_set_trainable``) takes every module whose name ends with an entry (a plain string
     suffix) and skips an entry that names no module: a ``task_type="SEQ_CLS"`` adapter lists
     both ``classifier`` and ``score`` whatever the head is called. Modules without tensors
-    (a matched dropout) and those inside an already matched one are left out.
+    (a matched dropout) and those inside an already matched one are left out. Without the
+    model (``model`` None) the modules are read off the file's tensor names (:func:`_owners`).
     """
     entries = config.get("modules_to_save") or []
+    owners = _owners(model, rest)
     names: list[str] = []
-    for name, mod in _named_modules(model).items():
-        if (any(name.endswith(e) for e in entries) and mod.state_dict()
-                and not any(name.startswith(n + ".") for n in names)):
+    for name in owners:
+        if any(name.endswith(e) for e in entries) and not any(name.startswith(n + ".") for n in names):
             names.append(name)
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        for k in model.get_submodule(name).state_dict():
+        for k in owners[name]:
             if f"{_PREFIX}{name}.{k}" in rest:  # a missing one is reported by _load
                 out[f"{name}::{k}"] = rest.pop(f"{_PREFIX}{name}.{k}")
     if rest:
@@ -108,6 +122,31 @@ def _peft_saved_modules(model: nn.Module, config: dict[str, Any], rest: dict[str
             "from_peft reads only the adapter tensors of nn.Linear layers and those of modules_to_save"
         )
     return names, out
+
+
+def read_peft_dir(adapter_dir: str | os.PathLike, model: nn.Module | None = None
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT adapter directory as lowrank's (config, tensors) pair, what :func:`from_peft`
+    loads: each adapted layer as the variant whose :attr:`~lowrank.Adapter.peft` has the file's
+    peft_type and flags, with PEFT's tensors under lowrank's names. ``model`` (the base model)
+    resolves modules_to_save as PEFT does; without it (``lowrank inspect``) they are read off
+    the tensor names, and a VeRA file, whose layers' input sizes only the model knows, is refused.
+    The config's ``format`` is ``PEFT <peft_type>`` and its ``writer`` the PEFT version."""
+    config, tensors = _read_peft_dir(Path(adapter_dir))
+    _refuse_unsupported(config)
+    cls = _reader(config)
+    found, rest = _peft_layers(tensors, cls.peft.tensors)
+    layers = _READ_LAYERS[cls.peft.peft_type](cls, config, found, model, rest)
+    ours: dict[str, torch.Tensor] = {}
+    for name, ts in found.items():
+        layers[name] = {"variant": cls.name, **layers[name],
+                        "tensors": {k: list(t.shape) for k, t in ts.items()}}
+        ours.update({f"{name}::{k}": t for k, t in ts.items()})
+    saved, saved_tensors = _peft_saved_modules(model, config, rest)
+    ours.update(saved_tensors)
+    return {"format": f"PEFT {cls.peft.peft_type}", "version": None,
+            "writer": f"PEFT {config.get('peft_version', '(version not recorded)')}",
+            "lowrank_version": None, "layers": layers, "modules_to_save": saved}, ours
 
 
 def from_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -125,28 +164,16 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     Adapters that need something lowrank has no equivalent for (biases, ``fan_in_fan_out``, a
     modified base from PiSSA/OLoRA initialisation, ``layers_to_transform`` ...) are refused,
     and loading is all or nothing as in :func:`~lowrank.io.load_adapters`. PEFT is not needed
-    to read the files.
+    to read the files (:func:`read_peft_dir` reads them).
     """
-    config, tensors = _read_peft_dir(Path(adapter_dir))
-    _refuse_unsupported(config)
-    cls = _reader(config)
-    names = cls.peft.tensors
-    found, rest = _peft_layers(tensors, names)
-    layers = _READ_LAYERS[cls.peft.peft_type](cls, config, found, model, rest)
-    ours: dict[str, torch.Tensor] = {}
-    for name, ts in found.items():
-        layers[name] = {"variant": cls.name, **layers[name],
-                        "tensors": {k: list(t.shape) for k, t in ts.items()}}
-        ours.update({f"{name}::{k}": t for k, t in ts.items()})
-    saved, saved_tensors = _peft_saved_modules(model, config, rest)
-    ours.update(saved_tensors)
-    lowrank_config = {"format": FORMAT, "version": FORMAT_VERSION, "lowrank_version": __version__,
-                      "layers": layers, "modules_to_save": saved}
+    config, tensors = read_peft_dir(adapter_dir, model)
+    layers = config["layers"]
+    names = variant_class(next(iter(layers.values()))["variant"]).peft.tensors
 
     def label(owner: str, key: str) -> str:  # the file's own name of a tensor, for messages
         return f"{_PREFIX}{owner}.{names.get(key, key) if owner in layers else key}"
 
-    return _load(model, lowrank_config, ours, label)
+    return _load(model, config, tensors, label)
 
 
 # --------------------------------------------------------------------------- writing

@@ -90,7 +90,7 @@ def _peft_pattern(pattern: dict[str, Any] | None, name: str, default: Any) -> An
 
 
 def _lora_layers(cls: type[Adapter], config: dict[str, Any],
-                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module,
+                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module | None,
                  rest: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """The layers of a LORA file: each layer's rank from its tensors, which must be PEFT's
     ``r`` / ``rank_pattern`` for it, and its alpha ``lora_alpha`` / ``alpha_pattern``."""
@@ -115,10 +115,14 @@ def _lora_layers(cls: type[Adapter], config: dict[str, Any],
 
 
 def _vera_layers(cls: type[Adapter], config: dict[str, Any],
-                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module,
+                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module | None,
                  rest: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """The layers of a VERA file: one rank ``r`` and one projection pair, drawn from
-    ``projection_prng_key`` at the largest adapted shape (checked against the saved pair)."""
+    ``projection_prng_key`` at the largest adapted shape (checked against the saved pair).
+    Each layer's input size is the model's alone (the file does not record it)."""
+    if model is None:
+        raise AdapterFileError("a PEFT VeRA file does not record the adapted layers' input sizes, "
+                               "which only the base model has; load it with lr.from_peft(model, path)")
     modules, shapes = _named_modules(model), {}
     for name in found:
         mod = modules.get(name)

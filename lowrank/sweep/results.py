@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..adapters.registry import check_options
 from ..files import atomic_path
 from .executors import execute
 from .fingerprint import COLUMN, code_fingerprint
@@ -73,7 +74,8 @@ def sweep(
     file on disk is always complete and a sweep resumes after a crash or Ctrl-C with nothing lost
     or duplicated; a stale row stays until its run is replaced. ``desc`` labels the progress bar.
     ``executor``, ``workers`` and ``scheduler``: see :func:`lowrank.sweep.executors.execute`.
-    Returns the whole table (old and new rows).
+    Every pending spec's variant options are checked before the first run starts
+    (:class:`~lowrank.adapters.registry.OptionError`). Returns the whole table (old and new rows).
     """
     df = read_results(out)
     specs = list(dict.fromkeys(specs))
@@ -83,6 +85,8 @@ def sweep(
     wanted = {s.run_id for s in specs}
     stale = (wanted & set(df[KEY] if len(df) else ())) - reusable
     pending = [s for s in specs if s.run_id not in reusable]
+    for s in pending:  # a misspelt option fails here, at once, not in a worker mid-sweep
+        check_options(s.variant, s.variant_options)
     if progress and specs:
         print(f"{Path(out).name}, {desc}: {len(wanted) - len(pending)} runs reused (made by this code, "
               f"{current}), {len(stale)} stale runs (other code) re-run, "
