@@ -16,7 +16,7 @@ from .adapters import (
     variant_class,
     variants,
 )
-from .inject import adapters, find_targets, inject, merge_all, strip, unmerge_all
+from .inject import adapters, find_targets, inject, merge_all, num_trainable, strip, unmerge_all
 from .io import AdapterFileError, from_peft, load_adapters, save_adapters, to_peft
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "load_adapters",
     "make",
     "merge_all",
+    "num_trainable",
     "register",
     "save_adapters",
     "strip",

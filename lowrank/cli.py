@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -85,11 +86,11 @@ def read_any_adapter_dir(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
                    "save_pretrained); pass such a directory")
 
 
-def inspect_adapter(path: Path, k: int = 8) -> dict[str, Any]:
+def inspect_adapter(path: str | os.PathLike, k: int = 8) -> dict[str, Any]:
     """A summary of a saved adapter directory (lowrank's or PEFT's): format, versions, and per
     layer the variant, shape, rank, trainable parameter count (from the tensors) and ΔW's
     spectrum summary."""
-    config, tensors = read_any_adapter_dir(path)
+    config, tensors = read_any_adapter_dir(Path(path))
     layers = [_inspect_layer(name, spec, tensors, k) for name, spec in config["layers"].items()]
     saved = config.get("modules_to_save", [])
     saved_params = sum(v.numel() for key, v in tensors.items()

@@ -186,6 +186,11 @@ def adapters(model: nn.Module) -> dict[str, Adapter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
+def num_trainable(model: nn.Module) -> int:
+    """Σ numel(p) over the parameters of ``model`` with ``requires_grad`` (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def merge_all(model: nn.Module) -> nn.Module:
     """Merge every adapter of ``model``; returns ``model``."""
     for ad in adapters(model).values():

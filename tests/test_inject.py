@@ -1,4 +1,4 @@
-"""inject / find_targets / adapters / merge_all / unmerge_all / strip on a nested model."""
+"""inject / find_targets / adapters / num_trainable / merge_all / unmerge_all / strip on a nested model."""
 
 import pytest
 import torch
@@ -115,6 +115,16 @@ def test_modules_to_save_train_fully_and_everything_else_is_frozen():
     opt.step()
     for n, p in net.named_parameters():
         assert (not torch.equal(p, before[n])) is (n in expected), n
+
+
+def test_num_trainable_counts_adapters_and_modules_to_save_once_each():
+    net = Net(share=True)  # d = 6, 3 classes; one Linear shared by both blocks
+    assert lr.num_trainable(net) == sum(p.numel() for p in net.parameters())  # nothing frozen yet
+    lr.inject(net, "lora", targets=["shared"], modules_to_save=["head"], rank=2)
+    lora = 2 * (6 + 6)  # A: r×in, B: out×r, once for the shared adapter, not per use
+    head = 6 * 3 + 3
+    assert lr.num_trainable(net) == lora + head
+    assert lr.num_trainable(net) == sum(a.num_trainable() for a in lr.adapters(net).values()) + head
 
 
 def test_inject_passes_options_and_derives_distinct_layer_seeds():
