@@ -23,7 +23,8 @@ variant's difference from LoRA at the matched budget with a 95 % paired-bootstra
 
     python studies/downstream.py               # reduced default: 3 variants, 2 seeds, < 15 min
     python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
-                                               # every variant, 3 seeds; hours on 2 cores
+                                               # every variant, 3 seeds, 600 steps, 1,000 dev and
+                                               # test sentences (TREC has 5,381 in all: 538 each)
     python studies/downstream.py --quick       # < 2 min smoke run
     python studies/downstream.py --intervals   # also differences from LoRA with intervals
     python studies/downstream.py --plot-only   # redraw figure and table from the CSV
@@ -67,11 +68,11 @@ from lowrank.train import PeakMemory
 ADAPTER_TARGETS = ["query", "value"]
 DEFAULTS = {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"], "budgets": [8],
             "ranks": [], "seeds": 2, "steps": 32, "batch_size": 32,
-            "max_train": 800, "max_eval": 200, "group_by_length": False}
+            "max_train": 800, "max_eval": 200, "group_by_length": False, "eval_every": None}
 PRESETS = {
-    "paper": ("the README table, hours on 2 cores",
-              {"variants": lr.variants(), "ranks": [8], "seeds": 3,
-               "steps": 100, "max_train": 2000, "max_eval": 400, "group_by_length": True}),
+    "paper": ("the README table, many CPU hours on 2 cores (sweeps resume)",
+              {"variants": lr.variants(), "ranks": [8], "seeds": 3, "steps": 600, "eval_every": 100,
+               "max_train": 10000, "max_eval": 1000, "group_by_length": True, "intervals": True}),
     "quick": ("a tiny smoke run (< 2 min)",
               {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "seeds": 1,
                "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64, "max_eval": 48}),
@@ -97,6 +98,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_common("seeds", "lr_grid", "steps", "batch_size",
                  lr_grid="learning rates searched on dev at seed 0 for each (variant, rank), the "
                          "same for every variant")
+    p.add_argument("--eval-every", type=study.positive_int, metavar="STEPS",
+                   help="steps between dev evaluations, kept in each row's dev_curve to show whether "
+                        "the budget converged (the final model is reported either way); "
+                        "default: once, after the last step")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     p.add_argument("--intervals", action="store_true",
                    help="record every run's per-example test predictions (new runs) and report each "
@@ -189,7 +194,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
         for r in args.ranks:
             if adapter_params(variant, shapes, r) is not None:
                 roles.setdefault((variant, r), []).append(f"fixed r={r}")
-    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
+    train = {"steps": args.steps, "batch_size": args.batch_size,
+             "eval_every": args.eval_every or args.steps}
     if args.group_by_length:
         train["group_by_length"] = True
     measure = ("weights", "predictions") if args.intervals else ("weights",)

@@ -117,9 +117,9 @@ def test_paper_preset_searches_each_variant_around_its_own_centre_and_groups_bat
                                                  "--ranks"]))
     assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
     assert references == {("full", None): 8, ("vera", 384): 8}  # each against LoRA at r = 8
-    assert {s.measure for s in specs} == {("weights",)}  # the committed runs' ids
-    with_predictions = ds.plan(ds.parse(["--paper", "--variants", "lora", "--ranks", "--intervals"]))[0]
-    assert {s.measure for s in with_predictions} == {("weights", "predictions")}
+    assert {s.measure for s in specs} == {("weights", "predictions")}  # --paper: --intervals
+    plain = ds.plan(ds.parse(["--variants", "lora", "--ranks"]))[0]
+    assert {s.measure for s in plain} == {("weights",)}
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
                          "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
