@@ -31,7 +31,6 @@ DEFAULTS = {
     "variants": DEFAULT_VARIANTS,
     "ranks": [1, 2, 4, 8, 16, 32],
     "seeds": 3,
-    "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1],
     "steps": 300,
     "batch_size": 64,
 }
@@ -41,14 +40,14 @@ QUICK = {"task": ["synthetic"], "variants": ["full", "lora"], "ranks": [1, 4], "
 
 def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
                  variants: Sequence[str] = DEFAULTS["variants"], ranks: Sequence[int] = DEFAULTS["ranks"],
-                 seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] = DEFAULTS["lr_grid"],
+                 seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] | str = study.AUTO,
                  steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
                  task_options: dict | None = None, variant_options: dict | None = None,
-                 extend: int = 0, **execute: Any) -> pd.DataFrame:
+                 extend: int = 3, **execute: Any) -> pd.DataFrame:
     """Run the ablation into the CSV ``out``, skipping the runs it already holds, and return
     the rows at each (task, variant, rank)'s dev-chosen learning rate, every seed 0 … seeds−1.
-    ``lr_grid`` may be ``"auto"`` (:func:`lowrank.study.auto_grid`); ``extend``: how often a
-    search may step past the edge of its rates (:func:`lowrank.sweep.tuned_sweep`).
+    ``lr_grid``: rates, or ``"auto"`` (the default: :func:`lowrank.study.auto_grid`); ``extend``:
+    how often a search may step past the edge of its rates (:func:`lowrank.sweep.tuned_sweep`).
     ``execute`` goes to the sweep: ``workers``, ``executor``, ``scheduler``, ``progress``."""
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
     train = {"steps": steps, "batch_size": batch_size, "eval_every": steps}

@@ -68,7 +68,8 @@ def learning_rate(text: str) -> float:
     return value
 
 
-AUTO = "auto"  # --lr-grid auto: every spec searches its own auto_grid
+AUTO = "auto"  # --lr-grid auto (the default): every spec searches its own auto_grid
+AUTO_POINTS = 3  # rates of an auto grid before any extension
 
 
 def grid_rate(text: str) -> float | str:
@@ -77,10 +78,12 @@ def grid_rate(text: str) -> float | str:
 
 
 def auto_grid(spec: RunSpec) -> list[float]:
-    """The default grid of ``spec``: five rates half a decade apart (two decades in all)
+    """The default grid of ``spec``: three rates half a decade apart (one decade in all)
     centred on its task's ``lr_centre`` × its variant's ``lr_scale`` (e.g. text, full
-    fine-tuning: 1e-2 × 0.03 → 3e-5 … 3e-3), by :func:`lowrank.sweep.log_grid`."""
-    return log_grid(tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale)
+    fine-tuning: 1e-2 × 0.03 → 9.5e-5, 3e-4, 9.5e-4), by :func:`lowrank.sweep.log_grid`; the
+    search steps past an edge from there (``--lr-extend``) until the best rate is interior."""
+    return log_grid(tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale,
+                    points=AUTO_POINTS)
 
 
 def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[RunSpec], list[float]]:
@@ -121,10 +124,10 @@ COMMON: dict[str, dict[str, Any]] = {
                  "help": "variants to compare, from {variants}"},
     "ranks": {"nargs": "+", "type": positive_int, "metavar": "R", "help": "ranks r"},
     "seeds": {"type": positive_int, "help": "number of seeds (0 … n−1)"},
-    "lr_grid": {"nargs": "+", "type": grid_rate, "metavar": "LR",
+    "lr_grid": {"nargs": "+", "type": grid_rate, "metavar": "LR", "default": AUTO,
                 "help": "learning rates searched per variant and rank on the dev split at seed 0 "
                         "(the best is reused for the other seeds)"},
-    "lr_extend": {"type": count, "default": 0, "metavar": "N",
+    "lr_extend": {"type": count, "default": 3, "metavar": "N",
                   "help": "when a search's best dev score is at an edge of the rates it tried, try "
                           "one more rate a grid step past that edge and search again, at most "
                           "N times (0: the grid alone)"},
@@ -207,8 +210,8 @@ class StudyParser(argparse.ArgumentParser):
             for key in brings.get(name, (name,)):
                 help = helps.get(key) or COMMON[key]["help"].format(variants=", ".join(variants()))
                 if key == "lr_grid":
-                    help += ("; or auto: for each variant five rates half a decade apart around "
-                             "the task's lr_centre × the variant's lr_scale")
+                    help += ("; or auto: for each variant three rates half a decade apart around "
+                             "the task's lr_centre × the variant's lr_scale, extended by --lr-extend")
                 kw = {**COMMON[key], "help": help}
                 self.add_argument(f"--{key.replace('_', '-')}", **kw)
 

@@ -60,7 +60,6 @@ DEFAULTS = {
     "task": list(TASKS),
     "variants": ["full", "lora", "rslora", "pissa", "milora", "dora", "vera", "random_alignment"],
     "seeds": 3,
-    "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
     "steps": 300,
     "batch_size": 64,
 }

@@ -23,7 +23,8 @@ variant's difference from LoRA at the matched budget with a 95 % paired-bootstra
 
     python studies/downstream.py               # reduced default: 3 variants, 2 seeds, < 15 min
     python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
-                                               # every variant, 3 seeds; hours on 2 cores
+                                               # every variant, 3 seeds, 600 steps, 1,000 dev and
+                                               # test sentences (TREC has 5,381 in all: 538 each)
     python studies/downstream.py --quick       # < 2 min smoke run
     python studies/downstream.py --intervals   # also differences from LoRA with intervals
     python studies/downstream.py --plot-only   # redraw figure and table from the CSV
@@ -65,17 +66,13 @@ from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
 from lowrank.train import PeakMemory
 
 ADAPTER_TARGETS = ["query", "value"]
-# Per-variant grids (a half-decade apart) around the rates these methods are run at: full
-# fine-tuning far below the adapters, VeRA's and random alignment's few trainable parameters above.
-PAPER_GRIDS = {"full": [3e-5, 1e-4, 3e-4], "vera": [3e-3, 1e-2, 3e-2],
-               "random_alignment": [3e-3, 1e-2, 3e-2], "*": [1e-3, 3e-3, 1e-2]}
 DEFAULTS = {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"], "budgets": [8],
-            "ranks": [], "seeds": 2, "lr_grid": [1e-4, 1e-3, 1e-2], "steps": 32, "batch_size": 32,
-            "max_train": 800, "max_eval": 200, "group_by_length": False}
+            "ranks": [], "seeds": 2, "steps": 32, "batch_size": 32,
+            "max_train": 800, "max_eval": 200, "group_by_length": False, "eval_every": None}
 PRESETS = {
-    "paper": ("the README table, hours on 2 cores",
-              {"variants": lr.variants(), "ranks": [8], "seeds": 3, "lr_grid": PAPER_GRIDS,
-               "steps": 100, "max_train": 2000, "max_eval": 400, "group_by_length": True}),
+    "paper": ("the README table, many CPU hours on 2 cores (sweeps resume)",
+              {"variants": lr.variants(), "ranks": [8], "seeds": 3, "steps": 600, "eval_every": 100,
+               "max_train": 10000, "max_eval": 1000, "group_by_length": True, "intervals": True}),
     "quick": ("a tiny smoke run (< 2 min)",
               {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "seeds": 1,
                "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64, "max_eval": 48}),
@@ -100,7 +97,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fixed ranks every variant is also run at")
     p.add_common("seeds", "lr_grid", "steps", "batch_size",
                  lr_grid="learning rates searched on dev at seed 0 for each (variant, rank), the "
-                         "same for every variant (--paper gives each variant a grid of its own)")
+                         "same for every variant")
+    p.add_argument("--eval-every", type=study.positive_int, metavar="STEPS",
+                   help="steps between dev evaluations, kept in each row's dev_curve to show whether "
+                        "the budget converged (the final model is reported either way); "
+                        "default: once, after the last step")
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     p.add_argument("--intervals", action="store_true",
                    help="record every run's per-example test predictions (new runs) and report each "
@@ -112,8 +113,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="markdown table (default results/downstream.md; results/downstream_paper.md "
                         "with --paper; results/downstream_quick.md with --quick)")
     args = p.parse_args(argv)
-    if not isinstance(args.lr_grid, dict):
-        args.lr_grid = {"*": args.lr_grid}
     args.table = args.table or p.results / f"{args.run_name}.md"
     if any(lr.variant_class(v).takes_rank for v in args.variants) and not args.budgets + args.ranks:
         p.error("give at least one --budgets or --ranks value for the adapter variants")
@@ -122,8 +121,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
     """The learning rates searched for ``variant`` (first, before any extension)."""
-    grid = args.lr_grid.get(variant, args.lr_grid["*"])
-    return study.auto_grid(RunSpec("text", variant, None, 0, 0.0)) if grid == study.AUTO else grid
+    if args.lr_grid == study.AUTO:
+        return study.auto_grid(RunSpec("text", variant, None, 0, 0.0))
+    return list(args.lr_grid)
 
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
@@ -194,7 +194,8 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
         for r in args.ranks:
             if adapter_params(variant, shapes, r) is not None:
                 roles.setdefault((variant, r), []).append(f"fixed r={r}")
-    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
+    train = {"steps": args.steps, "batch_size": args.batch_size,
+             "eval_every": args.eval_every or args.steps}
     if args.group_by_length:
         train["group_by_length"] = True
     measure = ("weights", "predictions") if args.intervals else ("weights",)
@@ -382,18 +383,13 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
         lines.append("")
-    rates = {v: ", ".join(f"{x:g}" for x in g) for v, g in args.lr_grid.items() if g != study.AUTO}
-    if study.AUTO in args.lr_grid.values():
+    if args.lr_grid == study.AUTO:
         lines.append("† the best of the searched learning rates is at the edge of those tried "
-                     "(--lr-grid auto: five rates half a decade apart around "
+                     f"(--lr-grid auto: {study.AUTO_POINTS} rates half a decade apart around "
                      f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale).")
-    elif len(rates) == 1:
-        lines.append(f"† the best of the searched learning rates ({rates['*']}) is at the edge "
-                     "of the grid.")
     else:
-        grids = "; ".join(f"{'others' if v == '*' else v}: {g}" for v, g in rates.items())
-        lines.append(f"† the best of the searched learning rates is at the edge of its "
-                     f"variant's grid ({grids}).")
+        lines.append(f"† the best of the searched learning rates "
+                     f"({', '.join(f'{x:g}' for x in args.lr_grid)}) is at the edge of the grid.")
     if args.lr_extend:
         lines[-1] += (f" A search whose best rate was at an edge stepped past it, up to "
                       f"{args.lr_extend} times; † marks the edge of the rates it tried.")

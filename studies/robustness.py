@@ -52,7 +52,6 @@ DEFAULTS = {
     "ranks": [8],
     "modes": list(MODES),
     "seeds": 3,
-    "lr_grid": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
     "steps": 300,
     "batch_size": 64,
 }

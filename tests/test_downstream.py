@@ -104,22 +104,22 @@ def test_help_and_bad_input():
     assert res.returncode == 2 and "unknown variant 'lorax'; choose from adalora" in res.stderr
 
 
-def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length():
+def test_paper_preset_searches_each_variant_around_its_own_centre_and_groups_batches_by_length():
     ds = study()
     args = ds.parse(["--paper"])
-    assert ds.lr_grid(args, "full") == [3e-5, 1e-4, 3e-4]
-    assert ds.lr_grid(args, "vera") == [3e-3, 1e-2, 3e-2]
-    assert ds.lr_grid(args, "dora") == [1e-3, 3e-3, 1e-2]
-    assert ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]).lr_grid == {"*": [1e-3, 1e-2]}
+    assert ds.lr_grid(args, "full") == [9.48683e-5, 3e-4, 9.48683e-4]  # 1e-2 × 0.03
+    assert ds.lr_grid(args, "vera") == [9.48683e-3, 3e-2, 9.48683e-2]  # 1e-2 × 3
+    assert ds.lr_grid(args, "dora") == [3.16228e-3, 1e-2, 3.16228e-2]
+    assert ds.lr_grid(ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]), "full") == [1e-3, 1e-2]
     assert not ds.parse([]).group_by_length
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
     specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera",
                                                  "--ranks"]))
     assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
     assert references == {("full", None): 8, ("vera", 384): 8}  # each against LoRA at r = 8
-    assert {s.measure for s in specs} == {("weights",)}  # the committed runs' ids
-    with_predictions = ds.plan(ds.parse(["--paper", "--variants", "lora", "--ranks", "--intervals"]))[0]
-    assert {s.measure for s in with_predictions} == {("weights", "predictions")}
+    assert {s.measure for s in specs} == {("weights", "predictions")}  # --paper: --intervals
+    plain = ds.plan(ds.parse(["--variants", "lora", "--ranks"]))[0]
+    assert {s.measure for s in plain} == {("weights",)}
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
                          "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
@@ -128,7 +128,7 @@ def test_paper_preset_gives_each_variant_its_grid_and_groups_batches_by_length()
                          "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0})
     md = ds.table(rows, {}, 10_000, args)
     assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of what was tried
-    assert "its variant's grid (full: 3e-05, 0.0001, 0.0003; vera:" in md
+    assert "(--lr-grid auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale)" in md
 
 
 def test_seconds_per_epoch_is_the_median_over_seeds():
@@ -190,9 +190,8 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
 
 def test_the_auto_grid_and_the_extension_are_what_the_table_says():
     ds = study()
-    args = ds.parse(["--lr-grid", "auto", "--lr-extend", "2"])
-    assert ds.lr_grid(args, "full") == [3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]  # 1e-2 × 0.03
-    assert ds.lr_grid(args, "lora") == [1e-3, 3.16228e-3, 1e-2, 3.16228e-2, 1e-1]
+    args = ds.parse(["--lr-extend", "2"])
+    assert ds.lr_grid(args, "lora") == [3.16228e-3, 1e-2, 3.16228e-2]
     rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "lora"], "rank": [None, 8],
                          "seed": 0, "test_accuracy": 0.9, "test_macro_f1": 0.5,
                          "trainable_params": 100, "lr": [3e-5, 0.316228],
@@ -201,5 +200,5 @@ def test_the_auto_grid_and_the_extension_are_what_the_table_says():
     md = ds.table(rows, {}, 10_000, args)
     assert "| 3e-05 |" in md and "| 0.316228† |" in md  # edges of the rates tried, not of the grid
     assert ("† the best of the searched learning rates is at the edge of those tried (--lr-grid "
-            "auto: five rates half a decade apart around 0.01 × the variant's lr_scale). A search "
+            "auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale). A search "
             "whose best rate was at an edge stepped past it, up to 2 times;") in md

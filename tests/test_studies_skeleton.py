@@ -209,31 +209,30 @@ def test_finish_draws_the_lr_figure_of_a_tuned_study_beside_its_figure(tmp_path,
 
 
 def test_the_auto_grid_is_centred_on_the_task_centre_times_the_variant_scale():
-    # half-decade log grids (6 significant digits) around 1e-2 × 0.03, 3e-2 × 3 and 3e-2 × 1
+    # three rates half a decade apart (6 significant digits) around 1e-2 × 0.03, 3e-2 × 3, 3e-2 × 1
     assert study.auto_grid(lr.sweep.RunSpec("text", "full", None, 0, 0.0)) == [
-        3e-5, 9.48683e-5, 3e-4, 9.48683e-4, 3e-3]
-    assert study.auto_grid(lr.sweep.RunSpec("digits", "vera", 4, 0, 0.0)) == lr.sweep.log_grid(0.09)
+        9.48683e-5, 3e-4, 9.48683e-4]
+    assert study.auto_grid(lr.sweep.RunSpec("digits", "vera", 4, 0, 0.0)) == lr.sweep.log_grid(0.09, 3)
     assert study.auto_grid(lr.sweep.RunSpec("synthetic", "lora", 4, 0, 0.0)) == [
-        3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1]
+        9.48683e-3, 3e-2, 9.48683e-2]
     assert study.search_grid([1e-3, 1e-2]) == [1e-3, 1e-2] and study.search_grid("auto") is study.auto_grid
 
 
 @pytest.mark.parametrize("name", ["continual", "downstream", "rank_ablation", "robustness", "spectra"])
-def test_every_tuned_study_offers_the_auto_grid_and_the_extension_off_by_default(name, capsys):
+def test_every_tuned_study_searches_the_auto_grid_with_extensions_by_default(name, capsys):
     args = parse(name, ["--plot-only"])
-    assert args.lr_extend == 0 and args.lr_grid != "auto"  # the committed CSVs stay valid
-    args = parse(name, ["--plot-only", "--lr-grid", "auto", "--lr-extend", "3"])
-    assert args.lr_extend == 3
-    assert args.lr_grid == ({"*": "auto"} if name == "downstream" else "auto")
+    assert args.lr_extend == 3 and args.lr_grid == "auto"
+    args = parse(name, ["--plot-only", "--lr-grid", "1e-3", "1e-2", "--lr-extend", "0"])
+    assert args.lr_extend == 0 and args.lr_grid == [1e-3, 1e-2]
     with pytest.raises(SystemExit):
         parse(name, ["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--lr-extend N" in help_text and "or auto: for each variant five rates" in help_text
+    assert "--lr-extend N" in help_text and "or auto: for each variant three rates" in help_text
 
 
 def test_the_ablation_searches_auto_grids_and_follows_an_optimum_past_them(tmp_path, monkeypatch):
     """A stand-in run whose dev accuracy peaks at lr 1 for every variant: lora's auto grid on the
-    synthetic task (3e-3 … 0.3) has it just past its top edge, full's (9e-5 … 9e-3) far past."""
+    synthetic task (9.5e-3 … 9.5e-2) has it past its top edge, full's (2.8e-4 … 2.8e-3) far past."""
     import json
     import math
 
@@ -249,12 +248,12 @@ def test_the_ablation_searches_auto_grids_and_follows_an_optimum_past_them(tmp_p
 
     monkeypatch.setattr(results, "run_one", run)
     rows = ablation.run_ablation(tmp_path / "r.csv", task=["synthetic"], variants=["lora", "full"],
-                                 ranks=[4], seeds=1, lr_grid="auto", extend=2, progress=False)
+                                 ranks=[4], seeds=1, progress=False)  # the defaults: auto, 3
     df = read_results(tmp_path / "r.csv")
     tried = {v: sorted(g["lr"]) for v, g in df.groupby("variant")}
-    # 0.3 is the top edge → 0.3²/0.0949 = 0.949, again the top → 3.0: now 0.949 is interior
-    assert tried["lora"] == [3e-3, 9.48683e-3, 3e-2, 9.48683e-2, 3e-1, 0.948684, 3.0]
-    assert tried["full"][:5] == lr.sweep.log_grid(3e-2 * 0.03) and len(tried["full"]) == 7
+    # 0.0949 is the top edge → 0.3, 0.949, 3.0: now 0.949 is interior
+    assert tried["lora"] == [9.48683e-3, 3e-2, 9.48683e-2, 0.3, 0.948684, 3.0]
+    assert tried["full"][:3] == lr.sweep.log_grid(3e-2 * 0.03, 3) and len(tried["full"]) == 6
     said = dict(zip(rows["variant"], rows["lr_selection"]))
     assert said["lora"].endswith("; interior")
-    assert said["full"].endswith("; capped at the high edge after 2 extensions")
+    assert said["full"].endswith("; capped at the high edge after 3 extensions")
