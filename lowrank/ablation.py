@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from . import plots, study, tasks
-from .sweep import RunSpec, read_results, tuned_sweep
+from .sweep import read_results, tuned_sweep
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,6 +38,11 @@ QUICK = {"task": ["synthetic"], "variants": ["full", "lora"], "ranks": [1, 4], "
          "lr_grid": [3e-2], "steps": 200}
 
 
+# run_ablation's options that the command line gives under the same names
+RUN_OPTIONS = ("task", "variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "task_options",
+               "variant_options")
+
+
 def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
                  variants: Sequence[str] = DEFAULTS["variants"], ranks: Sequence[int] = DEFAULTS["ranks"],
                  seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] | str = study.AUTO,
@@ -51,9 +56,8 @@ def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
     ``execute`` goes to the sweep: ``workers``, ``executor``, ``scheduler``, ``progress``."""
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
     train = {"steps": steps, "batch_size": batch_size, "eval_every": steps}
-    specs = [RunSpec(t, v, r, seed=0, lr=0.0, train=train, task_options=task_options or {},
-                     variant_options=variant_options or {})
-             for t in task for v, r in study.grid(variants, ranks)]
+    fields = {"task_options": task_options or {}, "variant_options": variant_options or {}}
+    specs = [s for t in task for s in study.search_specs(t, variants, ranks, train, **fields)]
     return tuned_sweep(specs, study.search_grid(lr_grid), list(range(seeds)), out, extend=extend,
                        **execute)
 
@@ -159,10 +163,6 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".",
     """Run (or with --plot-only, read) the ablation given by the command line ``argv``, print
     the summary and draw the figure; returns the exit code."""
     args = parser(root, prog).parse_args(argv)
-    rows = study.results(args, lambda: run_ablation(
-        args.out, task=args.task, variants=args.variants, ranks=args.ranks, seeds=args.seeds,
-        lr_grid=args.lr_grid, steps=args.steps, batch_size=args.batch_size,
-        task_options=args.task_options, variant_options=args.variant_options,
-        extend=args.lr_extend, workers=args.workers, executor=args.executor, scheduler=args.scheduler,
-        progress=not args.quiet), tuned=True)
+    options = {k: getattr(args, k) for k in RUN_OPTIONS} | study.sweep_options(args)
+    rows = study.results(args, lambda: run_ablation(args.out, **options), tuned=True)
     return study.finish(args, figure, rows, report=report, lr_search=read_results(args.out))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -29,52 +28,15 @@ import pandas as pd
 
 from . import plots, tasks
 from .adapters import OptionError, variant_class, variants
+from .argtypes import AUTO, count, grid_rate, json_object, learning_rate, positive_int, task, variant  # noqa: F401
 from .files import atomic_path
-from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, write_atomic
+from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, tuned_sweep, write_atomic
 from .sweep.fingerprint import COLUMN, code_fingerprint
 
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
 
 
-def _whole_number(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (a rank, a count of seeds, steps ...)."""
-    return _whole_number(text, 1)
-
-
-def count(text: str) -> int:
-    """argparse type: a whole number of at least 0 (how many extensions, retries ...)."""
-    return _whole_number(text, 0)
-
-
-def learning_rate(text: str) -> float:
-    """argparse type: a positive, finite learning rate."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} is not a learning rate; pass a positive number "
-                                         "such as 1e-3")
-    return value
-
-
-AUTO = "auto"  # --lr-grid auto (the default): every spec searches its own auto_grid
 AUTO_POINTS = 3  # rates of an auto grid before any extension
-
-
-def grid_rate(text: str) -> float | str:
-    """argparse type of --lr-grid: a learning rate, or ``auto`` (:func:`auto_grid`)."""
-    return AUTO if text == AUTO else learning_rate(text)
 
 
 def auto_grid(spec: RunSpec) -> list[float]:
@@ -90,32 +52,6 @@ def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[R
     """What :func:`lowrank.sweep.tuned_sweep` searches for --lr-grid ``lr_grid``: its rates, or
     for ``auto`` each spec's :func:`auto_grid`."""
     return auto_grid if lr_grid == AUTO else lr_grid
-
-
-def variant(text: str) -> str:
-    """argparse type: the name of a registered variant."""
-    if text not in variants():
-        raise argparse.ArgumentTypeError(f"unknown variant {text!r}; choose from {', '.join(variants())}")
-    return text
-
-
-def task(text: str) -> str:
-    """argparse type: the name of a task."""
-    if text not in tasks.names():
-        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose from {', '.join(tasks.names())}")
-    return text
-
-
-def json_object(text: str) -> dict:
-    """argparse type: a JSON object such as ``'{"alpha": 16}'``."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; pass one such as "
-                                         "'{\"key\": 1}'")
-    return value
 
 
 # The options add_common adds: name → add_argument keywords (a study may give its own help).
@@ -253,10 +189,34 @@ def grid(names: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int | No
     return [(v, r) for v in names for r in (ranks if variant_class(v).takes_rank else [None])]
 
 
+def search_specs(task_name: str, names: Sequence[str], ranks: Sequence[int], train: dict[str, Any],
+                 **fields: Any) -> list[RunSpec]:
+    """The seed-0 runs a tuned sweep searches on the task ``task_name``: one per (variant, rank) of
+    :func:`grid`, each training with ``train`` and the other :class:`RunSpec` ``fields``
+    (task_options, variant_options, measure); the sweep sets each learning rate."""
+    return [RunSpec(task_name, v, r, seed=0, lr=0.0, train=train, **fields)
+            for v, r in grid(names, ranks)]
+
+
 def rank_free(names: Iterable[str]) -> set[str]:
     """The variants among ``names`` that take no rank (full fine-tuning): the reference that
     figures draw as a line or band rather than as a curve over ranks."""
     return {v for v in set(names) if not variant_class(v).takes_rank}
+
+
+def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the command line's sweep runs: --lr-extend, --workers, --executor, --scheduler, and a
+    progress bar unless --quiet (the keywords of :func:`lowrank.sweep.tuned_sweep`)."""
+    return {"extend": args.lr_extend, "workers": args.workers, "progress": not args.quiet,
+            "executor": getattr(args, "executor", "local"), "scheduler": getattr(args, "scheduler", None)}
+
+
+def tuned(args: argparse.Namespace, specs: Sequence[RunSpec], out: str | os.PathLike | None = None,
+          grid: Callable[[RunSpec], list[float]] | None = None) -> pd.DataFrame:
+    """:func:`lowrank.sweep.tuned_sweep` of ``specs`` into ``out`` (default --out) with the command
+    line's rates (--lr-grid, or ``grid``), seeds 0 … --seeds−1 and :func:`sweep_options`."""
+    return tuned_sweep(specs, grid or search_grid(args.lr_grid), list(range(args.seeds)),
+                       args.out if out is None else out, **sweep_options(args))
 
 
 def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY,

@@ -48,7 +48,7 @@ from matplotlib import ticker
 import lowrank as lr
 from lowrank import plots, study
 from lowrank.inject import find_targets
-from lowrank.sweep import RunSpec, read_results, tuned_sweep
+from lowrank.sweep import RunSpec, read_results
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -76,10 +76,12 @@ def max_rank(task: lr.tasks.Task) -> tuple[int, str]:
     return min(shapes[name]), f"{name} ({shapes[name][0]}×{shapes[name][1]})"
 
 
+PRESETS = {"quick": ("tiny smoke run (< 1 min) on 2000 MNIST images", QUICK)}
+EPILOG = "Defaults: 580 runs, about 1000 CPU-seconds (about 9 minutes on 2 idle cores)."
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
-        "quick": ("tiny smoke run (< 1 min) on 2000 MNIST images", QUICK)},
-        epilog="Defaults: 580 runs, about 1000 CPU-seconds (about 9 minutes on 2 idle cores).")
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS, epilog=EPILOG)
     p.add_argument("--task", nargs="+", choices=TASKS, help="tasks to run")
     p.add_argument("--task-options", type=study.json_object, default=None, metavar="JSON",
                    help="per-task options over the defaults "
@@ -120,9 +122,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def specs(args: argparse.Namespace) -> list[RunSpec]:
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
-    return [RunSpec(task, variant, rank, seed=0, lr=0.0, train=train,
-                    task_options=args.options[task], measure=("weights",))
-            for task in args.task for variant, rank in study.grid(args.variants, args.rank_lists[task])]
+    return [s for t in args.task for s in study.search_specs(
+        t, args.variants, args.rank_lists[t], train, task_options=args.options[t], measure=("weights",))]
 
 
 def with_intruders(df: pd.DataFrame) -> pd.DataFrame:
@@ -335,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.workers == 1:
         torch.set_num_threads(1)
-    rows = study.results(args, lambda: tuned_sweep(
-        specs(args), study.search_grid(args.lr_grid), list(range(args.seeds)), args.out,
-        extend=args.lr_extend, workers=args.workers, progress=not args.quiet), tuned=True)
+    rows = study.results(args, lambda: study.tuned(args, specs(args)), tuned=True)
     if rows is None:
         return 1
     rows = with_intruders(rows[rows["status"] == "ok"]).astype({"rank": "Int64"})

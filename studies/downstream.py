@@ -59,7 +59,6 @@ from lowrank.sweep import (
     saved_results,
     search_status,
     tuned_rows,
-    tuned_sweep,
     write_atomic,
 )
 from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
@@ -87,17 +86,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text datasets: movie-review sentiment, TREC question type")
     p.add_argument("--max-train", type=study.positive_int, help="training sentences per dataset")
     p.add_argument("--max-eval", type=study.positive_int, help="dev and test sentences each")
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
-                   help="batches of similar-length sentences (less padding)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, help="batch by length")
     p.add_common(variants="variants to compare; full is full fine-tuning of every encoder Linear")
-    p.add_argument("--budgets", nargs="*", type=study.positive_int, metavar="R",
-                   help="matched budgets, as the LoRA rank whose parameter count each variant "
-                        "matches")
-    p.add_argument("--ranks", nargs="*", type=study.positive_int, metavar="R",
-                   help="fixed ranks every variant is also run at")
-    p.add_common("seeds", "lr_grid", "steps", "batch_size",
-                 lr_grid="learning rates searched on dev at seed 0 for each (variant, rank), the "
-                         "same for every variant")
+    ranks = {"nargs": "*", "type": study.positive_int, "metavar": "R"}
+    p.add_argument("--budgets", **ranks, help="LoRA ranks whose parameter count each variant matches")
+    p.add_argument("--ranks", **ranks, help="fixed ranks every variant is also run at")
+    p.add_common("seeds", "lr_grid", "steps", "batch_size")
     p.add_argument("--eval-every", type=study.positive_int, metavar="STEPS",
                    help="steps between dev evaluations, kept in each row's dev_curve to show whether "
                         "the budget converged (the final model is reported either way); "
@@ -486,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, roles, model_params, references = plan(args)
 
     def run() -> pd.DataFrame:  # the table needs every row of the CSV, probes included
-        tuned_sweep(specs, lambda s: lr_grid(args, s.variant), list(range(args.seeds)),
-                    args.out, extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
+        study.tuned(args, specs, grid=lambda s: lr_grid(args, s.variant))
         add_probes(args)
         return saved_results(args.out)
 

@@ -40,9 +40,11 @@ DEFAULTS = {"dims": [768, 1024, 4096], "ranks": [4, 8, 64], "tokens": 2048, "rep
 QUICK = {"dims": [128], "ranks": [8], "tokens": 256, "reps": 3}
 
 
+PRESETS = {"quick": ("a run of seconds, used by the tests", QUICK)}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
-                     presets={"quick": ("a run of seconds, used by the tests", QUICK)})
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS)
     p.add_argument("--dims", nargs="+", type=study.positive_int, metavar="D",
                    help="sides d of the d × d layers")
     p.add_common("ranks")

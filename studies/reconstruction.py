@@ -47,17 +47,18 @@ DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64, 128], "lams": [0.0, 0.01, 0.1], "g
 QUICK = {"ranks": [1, 4, 16], "size": 48, "gd_steps": 20, "adam_steps": 20}
 
 
+PRESETS = {"quick": ("smoke run (< 30 s) on the synthetic spectra and one MiniLM matrix", QUICK)}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
-        "quick": ("smoke run (< 30 s) on the synthetic spectra and one MiniLM matrix", QUICK)})
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS)
     p.add_common("ranks")
     p.add_argument("--lams", nargs="+", type=float, metavar="C",
                    help="λ of the Frobenius-regularised objective, as multiples c of σ₁ of each "
                         "matrix")
     p.add_argument("--gd-steps", type=study.positive_int, help="gradient-descent steps of gd_uv")
     p.add_argument("--adam-steps", type=study.positive_int, help="Adam steps of lora_adam")
-    p.add_argument("--adam-lr", type=study.learning_rate,
-                   help="Adam learning rate (W is scaled to unit RMS entries first)")
+    p.add_argument("--adam-lr", type=study.learning_rate, help="Adam's rate (W is first scaled to unit RMS)")
     p.add_argument("--size", type=study.positive_int, help="side of the synthetic matrices")
     p.add_argument("--all-layers", action="store_true",
                    help="every Linear of all-MiniLM-L6 instead of the four sampled ones")

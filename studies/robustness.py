@@ -38,7 +38,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots, study
-from lowrank.sweep import RunSpec, read_results, tuned_sweep
+from lowrank.sweep import RunSpec, read_results
 
 MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PGD regularisation
 MODE_NAMES = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
@@ -61,11 +61,12 @@ QUICK_TASK_OPTIONS = {"mnist": {**TASK_OPTIONS["mnist"], "n_train": 2_000, "n_ev
 COLUMNS = {"clean": "test_clean_accuracy", "fgsm": "test_fgsm_accuracy", "pgd": "test_pgd_accuracy"}
 
 
+PRESETS = {"quick": ("smoke run (< 1 min) on 2k/1k MNIST images", QUICK)}
+EPILOG = "The default took 28 min on 2 CPU cores shared with other jobs (an estimated 6 min on idle cores)."
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets={
-        "quick": ("smoke run (< 1 min) on 2k/1k MNIST images", QUICK)},
-        epilog="The default took 28 min on 2 CPU cores shared with other jobs "
-               "(an estimated 6 min on idle cores).")
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS, epilog=EPILOG)
     p.add_argument("--task", nargs="+", help=f"tasks, from {', '.join(TASKS)}")
     p.add_argument("--task-options", type=study.json_object, default={}, metavar="JSON",
                    help="options for every task on top of the study's (mnist: "
@@ -112,8 +113,8 @@ def specs(args: argparse.Namespace, mode: str) -> list[RunSpec]:
     out = []
     for task in args.task:
         options = {**(QUICK_TASK_OPTIONS if args.quick else TASK_OPTIONS)[task], **args.task_options}
-        out += [RunSpec(task, variant, rank, seed=0, lr=0.0, task_options=options, train=train,
-                        measure=("robustness",)) for variant, rank in study.grid(args.variants, args.ranks)]
+        out += study.search_specs(task, args.variants, args.ranks, train, task_options=options,
+                                  measure=("robustness",))
     return out
 
 
@@ -126,8 +127,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """One tuned sweep over every training mode: the training configuration is part of each
     run's search group, so every (task, variant, rank, mode) gets its own learning rate."""
     base = [s for mode in args.modes for s in specs(args, mode)]
-    return tuned_sweep(base, study.search_grid(args.lr_grid), list(range(args.seeds)), args.out,
-                       extend=args.lr_extend, workers=args.workers, progress=not args.quiet)
+    return study.tuned(args, base)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:

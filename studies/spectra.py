@@ -39,7 +39,7 @@ import torch
 
 import lowrank as lr
 from lowrank import plots, study
-from lowrank.sweep import RunSpec, read_results, tuned_rows, tuned_sweep
+from lowrank.sweep import RunSpec, read_results, tuned_rows
 
 # the text rows, in results/: the full-size downstream run when there is one, else the default
 DEFAULT_INCLUDES = ["downstream_paper.csv", "downstream.csv"]
@@ -54,11 +54,13 @@ LAYER_COLUMNS = ["effective_rank", "eff_rank_over_r", "rank90", "stable_rank", "
                  "numerical_rank", "fro_norm", "w0_norm", "intruders", "test_score"]
 
 
+PRESETS = {"quick": ("tiny smoke run (< 1 min), no text rows", QUICK)}
+OUT = "tidy table, with the sweep CSV beside it as <name>_runs.csv"
+EPILOG = "The default run takes 435 CPU seconds: about 4 minutes on 2 idle cores."
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
-                     presets={"quick": ("tiny smoke run (< 1 min), no text rows", QUICK)},
-                     out="tidy table, with the sweep CSV beside it as <name>_runs.csv",
-                     epilog="The default run takes 435 CPU seconds: about 4 minutes on 2 idle cores.")
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS, out=OUT, epilog=EPILOG)
     p.add_argument("--task", nargs="+", type=study.task, metavar="TASK",
                    help=f"tasks trained here, from {', '.join(lr.tasks.names())}")
     p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size")
@@ -89,8 +91,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def specs(args: argparse.Namespace) -> list[RunSpec]:
     train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps}
-    return [RunSpec(task, variant, rank, seed=0, lr=0.0, train=train, measure=("weights",))
-            for task in args.task for variant, rank in study.grid(args.variants, args.ranks)]
+    grids = [study.search_specs(t, args.variants, args.ranks, train, measure=("weights",)) for t in args.task]
+    return [s for g in grids for s in g]
 
 
 def selected_rows(path: Path) -> pd.DataFrame:
@@ -248,9 +250,7 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """The sweep (resumed from --out's _runs.csv) and the included rows, as the tidy table."""
-    rows = tuned_sweep(specs(args), study.search_grid(args.lr_grid), list(range(args.seeds)),
-                       args.runs, extend=args.lr_extend, workers=args.workers,
-                       progress=not args.quiet)
+    rows = study.tuned(args, specs(args), out=args.runs)
     extra = [selected_rows(path) for path in args.include]
     runs = pd.concat([rows[rows["status"] == "ok"], *extra], ignore_index=True)
     return spectra_table(runs.drop_duplicates("run_id"))

@@ -36,9 +36,11 @@ DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64], "small": 8, "large": 64, "steps":
 QUICK = {"ranks": [2, 8, 16], "large": 16, "steps": 60}
 
 
+PRESETS = {"quick": ("smoke run (< 30 s), φ between r = 8 and 16", QUICK)}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS,
-                     presets={"quick": ("smoke run (< 30 s), φ between r = 8 and 16", QUICK)})
+    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS)
     p.add_common(ranks="LoRA ranks trained at seed 0 (amplification per rank)")
     p.add_argument("--small", type=study.positive_int, help="the small rank of φ (trained at 2 seeds)")
     p.add_argument("--large", type=study.positive_int, help="the large rank of φ")

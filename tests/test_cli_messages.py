@@ -76,8 +76,8 @@ def test_the_valid_options_come_from_the_constructor(monkeypatch):
     class Scaled(lr.variant_class("lora")):
         name = "scaled_for_test"
 
-        def __init__(self, base, rank=8, alpha=None, dropout=0.0, seed=0, gain=1.0):
-            super().__init__(base, rank, alpha, dropout, seed)
+        def __init__(self, base, *, gain=1.0, **common):
+            super().__init__(base, **common)
             self.gain = gain
 
     with pytest.raises(lr.OptionError, match=r"'gian' for scaled_for_test \(did you mean 'gain'\?\); "

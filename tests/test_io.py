@@ -219,7 +219,7 @@ DAMAGED = {
 def test_a_damaged_config_names_the_key_and_the_fix(kind, tmp_path):
     """One AdapterFileError sentence naming the file, the key and the fix (not a bare KeyError),
     from load_adapters and from `lowrank inspect`, which reads the same files."""
-    from lowrank.cli import inspect_adapter
+    from lowrank.inspection import inspect_adapter
 
     damage, message = DAMAGED[kind]
     _, model = trained("lora", {})

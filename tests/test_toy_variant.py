@@ -56,9 +56,8 @@ class Diagonal(lr.Adapter):
                          **options: Any) -> dict[str, tuple[int, ...]]:
         return {"d": (rank,)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
+    def __init__(self, base: nn.Linear, **common: Any) -> None:
+        super().__init__(base, **common)
         self.d = nn.Parameter(torch.zeros_like(self._new(self.rank)))
 
     def delta_weight(self) -> Tensor:

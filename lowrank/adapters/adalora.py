@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,10 +41,9 @@ class AdaLoRA(Adapter):
         """P (out × r), λ (r), Q (r × in): r(out + in + 1)."""
         return {"P": (out_f, rank), "lam": (rank,), "Q": (rank, in_f)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, orth_reg_weight: float = 0.1,
-                 target_rank: int | None = None) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
+    def __init__(self, base: nn.Linear, *, orth_reg_weight: float = 0.1, target_rank: int | None = None,
+                 **common: Any) -> None:
+        super().__init__(base, **common)
         if not (isinstance(orth_reg_weight, (int, float)) and orth_reg_weight >= 0):
             raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a number >= 0")
         if target_rank is not None and not 1 <= target_rank <= self.rank:
@@ -51,11 +52,11 @@ class AdaLoRA(Adapter):
         self.target_rank = int(target_rank or max(1, (2 * self.rank) // 3))
         gen = self._generator()
         w = base.weight
-        self.Q = nn.Parameter((0.02 * torch.randn(rank, self.in_features, generator=gen,
+        self.Q = nn.Parameter((0.02 * torch.randn(self.rank, self.in_features, generator=gen,
                                                   dtype=torch.float64)).to(w))
-        self.P = nn.Parameter((0.02 * torch.randn(self.out_features, rank, generator=gen,
+        self.P = nn.Parameter((0.02 * torch.randn(self.out_features, self.rank, generator=gen,
                                                   dtype=torch.float64)).to(w))
-        self.lam = nn.Parameter(torch.zeros_like(self._new(rank)))
+        self.lam = nn.Parameter(torch.zeros_like(self._new(self.rank)))
 
     @property
     def scale(self) -> float:

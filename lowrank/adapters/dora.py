@@ -8,6 +8,7 @@ inputs (shape (out,)) and m ∈ ℝ^{out} is a trained magnitude. With g = m / �
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,8 @@ class DoRA(LowRankAdapter):
         """A, B as LoRA and the magnitude m (out): r(in + out) + out."""
         return {**super().trainable_shapes(out_f, in_f, rank, bias), "m": (out_f,)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
+    def __init__(self, base: nn.Linear, **common: Any) -> None:
+        super().__init__(base, **common)
         self.clear_cache()
         # Same routine as the forward's norm, so m / ‖W₀ + s·0‖ is exactly 1 at initialisation.
         self.m = nn.Parameter(self.weight_norm())

@@ -36,14 +36,12 @@ class FrobeniusUV(LowRankAdapter):
     def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int | None:
         return min(out_f, in_f) if options.get("init") == "closed_form" else None
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, lam: float = 1e-4,
-                 init: str = "lora") -> None:
+    def __init__(self, base: nn.Linear, *, lam: float = 1e-4, init: str = "lora", **common: Any) -> None:
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise ValueError(f"lam={lam!r} must be a non-negative number")
         if init not in ("lora", "closed_form"):
             raise ValueError(f"init={init!r} is unknown; use 'lora' or 'closed_form'")
-        super().__init__(base, rank, alpha, dropout, seed, rank_options={"init": init})
+        super().__init__(base, rank_options={"init": init}, **common)
         self.lam, self.init = float(lam), init
         if init == "closed_form":
             W = self._weight_values("frobenius's init='closed_form' (an SVD of W₀)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -23,9 +25,8 @@ class Full(Adapter):
     takes_rank = False
     lr_scale = 0.03  # text: optima at 0.01–0.03× LoRA's; small MLPs 0.1–6× (an extension finds them)
 
-    def __init__(self, base: nn.Linear, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, dropout=dropout, seed=seed)
+    def __init__(self, base: nn.Linear, **common: Any) -> None:
+        super().__init__(base, **common)
         self.base.requires_grad_(True)
         self.register_buffer("W0", base.weight.detach().clone())
 

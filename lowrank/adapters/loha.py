@@ -6,6 +6,8 @@ can reach rank r², as in PEFT's and LyCORIS's LoHa.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -35,15 +37,14 @@ class LoHa(Adapter):
         """B₁, B₂ (out × r) and A₁, A₂ (r × in): 2r(in + out)."""
         return {"B1": (out_f, rank), "A1": (rank, in_f), "B2": (out_f, rank), "A2": (rank, in_f)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
+    def __init__(self, base: nn.Linear, **common: Any) -> None:
+        super().__init__(base, **common)
         gen = self._generator()
         out_f, in_f = self.out_features, self.in_features
-        self.B1 = nn.Parameter(self._kaiming(out_f, rank, gen=gen))
-        self.A1 = nn.Parameter(self._kaiming(rank, in_f, gen=gen))
-        self.B2 = nn.Parameter(self._kaiming(out_f, rank, gen=gen))
-        self.A2 = nn.Parameter(torch.zeros_like(self._new(rank, in_f)))
+        self.B1 = nn.Parameter(self._kaiming(out_f, self.rank, gen=gen))
+        self.A1 = nn.Parameter(self._kaiming(self.rank, in_f, gen=gen))
+        self.B2 = nn.Parameter(self._kaiming(out_f, self.rank, gen=gen))
+        self.A2 = nn.Parameter(torch.zeros_like(self._new(self.rank, in_f)))
 
     def delta_weight(self) -> Tensor:
         return (self.B1 @ self.A1) * (self.B2 @ self.A2) * self.scale

@@ -84,11 +84,10 @@ class LoKr(Adapter):
         (a, c), (b, d) = lokr_shapes(out_f, in_f, options.get("factor", -1), rank)
         return {"C": (a, c), "B": (b, rank), "A": (rank, d)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, factor: int = -1) -> None:
+    def __init__(self, base: nn.Linear, *, factor: int = -1, **common: Any) -> None:
         if type(factor) is not int or not (factor == -1 or factor > 0):
             raise ValueError(f"factor={factor!r} must be a positive integer or -1 (automatic)")
-        super().__init__(base, rank, alpha, dropout, seed, rank_options={"factor": factor})
+        super().__init__(base, rank_options={"factor": factor}, **common)
         self.factor = factor
         (a, c), (b, d) = lokr_shapes(self.out_features, self.in_features, factor, self.rank)
         self.kron_shapes = ((a, c), (b, d))

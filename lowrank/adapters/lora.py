@@ -39,10 +39,8 @@ class LowRankAdapter(Adapter):
         """A (r × in) unless frozen (``trains_A = False``) and B (out × r): r(in + out), or out·r."""
         return {**({"A": (rank, in_f)} if cls.trains_A else {}), "B": (out_f, rank)}
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, *,
-                 rank_options: dict[str, Any] | None = None) -> None:
-        super().__init__(base, rank, alpha, dropout, seed, rank_options=rank_options)
+    def __init__(self, base: nn.Linear, **common: Any) -> None:
+        super().__init__(base, **common)
         A = self.initial_A(self._generator())
         if self.trains_A:
             self.A = nn.Parameter(A)

@@ -46,13 +46,20 @@ def variant_class(name: str) -> type[Adapter]:
 
 
 def option_names(name: str) -> list[str] | None:
-    """The options variant ``name`` takes: its constructor's keyword parameters after the layer,
-    in signature order; None when the constructor takes any keyword (``**kwargs``)."""
-    params = inspect.signature(variant_class(name).__init__).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.name not in _NOT_OPTIONS
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    """The options variant ``name`` takes: the keyword parameters after the layer of its
+    constructor and, where that passes ``**common`` up, of its bases' (the common options rank,
+    alpha, dropout and seed first); None when a constructor takes any keyword and passes none up."""
+    found: list[list[str]] = []
+    for klass in variant_class(name).__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        found.append([p.name for p in params if p.name not in _NOT_OPTIONS
+                      and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)])
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return [n for names in reversed(found) for n in names]
+    return None
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:

@@ -33,20 +33,19 @@ class PiSSA(LowRankAdapter):
     def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int:
         return min(out_f, in_f)
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, svd: str = "exact", niter: int = 4) -> None:
+    def __init__(self, base: nn.Linear, *, svd: str = "exact", niter: int = 4, **common: Any) -> None:
         if svd not in ("exact", "randomized"):
             raise ValueError(f"svd={svd!r} is unknown; use 'exact' or 'randomized'")
         if svd == "randomized" and self.smallest:
             raise ValueError("svd='randomized' finds the largest triplets only; use svd='exact'")
-        super().__init__(base, rank, alpha, dropout, seed)
+        super().__init__(base, **common)
         self.svd, self.niter = svd, int(niter)
         W = self._weight_values(f"{self.name}'s initialisation (an SVD of W₀)")
         if self.smallest:  # every triplet, largest first, then the last r
             U, S, Vh = truncated_svd(W, min(W.shape))
             U, S, Vh = U[:, -self.rank:], S[-self.rank:], Vh[-self.rank:]
         else:
-            U, S, Vh = truncated_svd(W, self.rank, method=svd, niter=niter, seed=seed)
+            U, S, Vh = truncated_svd(W, self.rank, method=svd, niter=niter, seed=self.seed)
         self.start_from_svd(U, S, Vh)
 
     def config(self) -> dict:

@@ -71,11 +71,9 @@ class VeRA(Adapter):
         above min(out, in) still enlarges the reachable ΔW (PEFT's default r is 256)."""
         return None
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float | None = None,
-                 dropout: float = 0.0, seed: int = 0, d_initial: float = 0.1,
-                 projection_seed: int = 0, projection_shape: tuple[int, int] | None = None
-                 ) -> None:
-        super().__init__(base, rank, alpha, dropout, seed)
+    def __init__(self, base: nn.Linear, *, d_initial: float = 0.1, projection_seed: int = 0,
+                 projection_shape: tuple[int, int] | None = None, **common: Any) -> None:
+        super().__init__(base, **common)
         own = (self.out_features, self.in_features)
         shape = own if projection_shape is None else tuple(int(v) for v in projection_shape)
         if len(shape) != 2 or shape[0] < own[0] or shape[1] < own[1]:
@@ -88,7 +86,7 @@ class VeRA(Adapter):
         self._take_projections()
         # A and B are not in the state dict: a load (after model.to_empty, say) takes them again.
         self.register_load_state_dict_post_hook(_take_projections_after_load)
-        self.d = nn.Parameter(torch.full_like(self._new(rank), self.d_initial))
+        self.d = nn.Parameter(torch.full_like(self._new(self.rank), self.d_initial))
         self.b = nn.Parameter(torch.zeros_like(self._new(self.out_features)))
 
     def _take_projections(self) -> None:

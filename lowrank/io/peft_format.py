@@ -43,6 +43,10 @@ _RESIDUAL_INITS = re.compile("pissa|olora|corda|loftq")
 # What Adapter.peft_export gives: (format, tensors by lowrank's names, PEFT's r, PEFT's alpha).
 Exported = tuple[PeftFormat, dict[str, torch.Tensor], int, float]
 
+Json = dict[str, Any]  # a parsed adapter_config.json
+Tensors = dict[str, torch.Tensor]  # by name, as a safetensors file holds them
+Layers = dict[str, dict[str, Any]]  # layer name → its options and shape, as lowrank's config holds them
+
 
 def _read_peft_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config, tensors = _read_dir(path, PEFT_CONFIG, PEFT_TENSORS, "PEFT",
@@ -89,9 +93,8 @@ def _peft_pattern(pattern: dict[str, Any] | None, name: str, default: Any) -> An
     return default
 
 
-def _lora_layers(cls: type[Adapter], config: dict[str, Any],
-                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module | None,
-                 rest: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def _lora_layers(cls: type[Adapter], config: Json, found: dict[str, Tensors],
+                 model: nn.Module | None, rest: Tensors) -> Layers:
     """The layers of a LORA file: each layer's rank from its tensors, which must be PEFT's
     ``r`` / ``rank_pattern`` for it, and its alpha ``lora_alpha`` / ``alpha_pattern``."""
     names, layers = cls.peft.tensors, {}
@@ -114,9 +117,8 @@ def _lora_layers(cls: type[Adapter], config: dict[str, Any],
     return layers
 
 
-def _vera_layers(cls: type[Adapter], config: dict[str, Any],
-                 found: dict[str, dict[str, torch.Tensor]], model: nn.Module | None,
-                 rest: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def _vera_layers(cls: type[Adapter], config: Json, found: dict[str, Tensors],
+                 model: nn.Module | None, rest: Tensors) -> Layers:
     """The layers of a VERA file: one rank ``r`` and one projection pair, drawn from
     ``projection_prng_key`` at the largest adapted shape (checked against the saved pair).
     Each layer's input size is the model's alone (the file does not record it)."""

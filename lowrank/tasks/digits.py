@@ -14,15 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .base import (
-    MLP,
-    SPLITS,
-    Classification,
-    cached_pretrained,
-    check_int,
-    pretrain,
-    seeded_permutation,
-)
+from .base import MLP, SPLITS, Classification, check_int, seeded_permutation
+from .pretrained import cached_pretrained, pretrain
 
 SPLIT_SEED = 0
 OLD, NEW = range(0, 5), range(5, 10)

@@ -27,16 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .base import (
-    MLP,
-    Classification,
-    cached_pretrained,
-    check_choice,
-    check_int,
-    package_dir,
-    pretrain,
-    seeded_permutation,
-)
+from .base import MLP, Classification, check_choice, check_int, seeded_permutation
+from .pretrained import cached_pretrained, package_dir, pretrain
 
 SHIFTS = ("rotate", "permute")
 SUBSET_SEED = 0

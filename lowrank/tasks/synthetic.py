@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..adapters.base import Adapter
-from .base import MLP, PRETRAIN_SEED, Batch, Task, check_int, evaluating
+from .base import MLP, Batch, Task, check_int, evaluating
+from .pretrained import PRETRAIN_SEED
 
 LAYERS = ("fc1", "fc2", "out")
 GAIN = 2.0  # weight standard deviation × √fan_in

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from .base import (
-    PRETRAIN_SEED,
     Batch,
     Classification,
     check_choice,
@@ -33,9 +32,9 @@ from .base import (
     evaluating,
     is_correct,
     model_device,
-    package_dir,
     split_indices,
 )
+from .pretrained import PRETRAIN_SEED, package_dir
 
 DATASETS = ("movies", "trec")
 SPLIT_SEED = 0
