@@ -51,7 +51,7 @@ def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
                  extend: int = 3, **execute: Any) -> pd.DataFrame:
     """Run the ablation into the CSV ``out``, skipping the runs it already holds, and return
     the rows at each (task, variant, rank)'s dev-chosen learning rate, every seed 0 … seeds−1.
-    ``lr_grid``: rates, or ``"auto"`` (the default: :func:`lowrank.study.auto_grid`); ``extend``:
+    ``lr_grid``: rates, or ``"auto"`` (the default: :func:`lowrank.arguments.auto_grid`); ``extend``:
     how often a search may step past the edge of its rates (:func:`lowrank.sweep.tuned_sweep`).
     ``execute`` goes to the sweep: ``workers``, ``executor``, ``scheduler``, ``progress``."""
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model

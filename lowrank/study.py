@@ -6,7 +6,7 @@ preset's (``<name>_quick`` with ``--quick``). :func:`parser` gives every study s
 output options (--out, --figure, --plot-only, --fresh, --quiet and the presets such as --quick, whose
 values an option given explicitly overrides) and, on request (:meth:`StudyParser.add_common`),
 the sweep's options: --variants (checked against the registry), --ranks, --seeds, --lr-grid
-(rates, or ``auto``: :func:`auto_grid`) with --lr-extend, --steps, --batch-size, --workers,
+(rates, or ``auto``: :func:`lowrank.arguments.auto_grid`) with --lr-extend, --steps, --batch-size, --workers,
 --executor with --scheduler, --threads. :func:`grid` lists a sweep's (variant, rank) pairs and
 :func:`finish` writes the outputs (for a tuned study also the learning-rate sensitivity figure
 ``<name>_lr``) and prints the lines that ``studies/make_figures.py`` reports.
@@ -26,58 +26,25 @@ from typing import Any
 
 import pandas as pd
 
-from . import plots, tasks
+from . import plots
 from .adapters import OptionError, variant_class, variants
-from .argtypes import AUTO, count, grid_rate, json_object, learning_rate, positive_int, task, variant  # noqa: F401
+from .arguments import (  # noqa: F401
+    AUTO,
+    COMMON,
+    auto_grid,
+    count,
+    json_object,
+    learning_rate,
+    positive_int,
+    search_grid,
+    task,
+    variant,
+)
 from .files import atomic_path
-from .sweep import KEY, RunSpec, log_grid, saved_results, tuned_rows, tuned_sweep, write_atomic
+from .sweep import KEY, RunSpec, saved_results, tuned_rows, tuned_sweep, write_atomic
 from .sweep.fingerprint import COLUMN, code_fingerprint
 
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
-
-
-AUTO_POINTS = 3  # rates of an auto grid before any extension
-
-
-def auto_grid(spec: RunSpec) -> list[float]:
-    """The default grid of ``spec``: three rates half a decade apart (one decade in all)
-    centred on its task's ``lr_centre`` × its variant's ``lr_scale`` (e.g. text, full
-    fine-tuning: 1e-2 × 0.03 → 9.5e-5, 3e-4, 9.5e-4), by :func:`lowrank.sweep.log_grid`; the
-    search steps past an edge from there (``--lr-extend``) until the best rate is interior."""
-    return log_grid(tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale,
-                    points=AUTO_POINTS)
-
-
-def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[RunSpec], list[float]]:
-    """What :func:`lowrank.sweep.tuned_sweep` searches for --lr-grid ``lr_grid``: its rates, or
-    for ``auto`` each spec's :func:`auto_grid`."""
-    return auto_grid if lr_grid == AUTO else lr_grid
-
-
-# The options add_common adds: name → add_argument keywords (a study may give its own help).
-COMMON: dict[str, dict[str, Any]] = {
-    "variants": {"nargs": "+", "type": variant, "metavar": "VARIANT",
-                 "help": "variants to compare, from {variants}"},
-    "ranks": {"nargs": "+", "type": positive_int, "metavar": "R", "help": "ranks r"},
-    "seeds": {"type": positive_int, "help": "number of seeds (0 … n−1)"},
-    "lr_grid": {"nargs": "+", "type": grid_rate, "metavar": "LR", "default": AUTO,
-                "help": "learning rates searched per variant and rank on the dev split at seed 0 "
-                        "(the best is reused for the other seeds)"},
-    "lr_extend": {"type": count, "default": 3, "metavar": "N",
-                  "help": "when a search's best dev score is at an edge of the rates it tried, try "
-                          "one more rate a grid step past that edge and search again, at most "
-                          "N times (0: the grid alone)"},
-    "steps": {"type": positive_int, "help": "optimiser steps per run"},
-    "batch_size": {"type": positive_int, "help": "training batch size"},
-    "workers": {"type": positive_int, "default": 2, "help": "parallel processes"},
-    "threads": {"type": positive_int, "default": 1, "help": "torch threads of this process"},
-    "executor": {"choices": ["local", "dask", "submitit"], "default": "local",
-                 "help": "local process pool, a dask.distributed cluster, or SLURM via submitit"},
-    "scheduler": {"default": None,
-                  "help": "dask scheduler address (--executor dask; default: a private local "
-                          "cluster), or submitit cluster 'slurm' or 'local' (default: SLURM if "
-                          "present)"},
-}
 
 
 def _setting(key: str, value: Any) -> str:

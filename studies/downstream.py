@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank import plots, study
+from lowrank import arguments, plots, study
 from lowrank.stats import holm, paired_bootstrap
 from lowrank.sweep import (
     GROUP,
@@ -379,7 +379,7 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
         lines.append("")
     if args.lr_grid == study.AUTO:
         lines.append("† the best of the searched learning rates is at the edge of those tried "
-                     f"(--lr-grid auto: {study.AUTO_POINTS} rates half a decade apart around "
+                     f"(--lr-grid auto: {arguments.AUTO_POINTS} rates half a decade apart around "
                      f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale).")
     else:
         lines.append(f"† the best of the searched learning rates "

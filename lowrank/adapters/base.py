@@ -75,6 +75,9 @@ class Adapter(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # How figures and tables name the variant (lowrank.plots.label): short enough for a legend,
+    # unique among registered variants; every registered class sets its own.
+    display_name: ClassVar[str] = ""
     peft: ClassVar[PeftFormat | None] = None  # how PEFT stores the variant, if it has it
     # Why ΔW cannot be computed from a saved adapter_state() without the base weight W₀, in one
     # sentence (lowrank inspect shows it); "" when the adapter's own tensors and config() fix ΔW.
@@ -85,7 +88,7 @@ class Adapter(nn.Module):
     takes_rank: ClassVar[bool] = True  # False for variants without a rank (full)
     max_rank_reason: ClassVar[str] = ""  # why max_rank() bounds the rank, where it does
     # The variant's learning rate relative to LoRA's on the same task: its default search grid
-    # is centred on the task's lr_centre × lr_scale (lowrank.study.auto_grid, --lr-grid auto).
+    # is centred on the task's lr_centre × lr_scale (lowrank.arguments.auto_grid, --lr-grid auto).
     lr_scale: ClassVar[float] = 1.0
 
     def __init__(

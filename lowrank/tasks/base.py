@@ -56,7 +56,7 @@ class Task:
     # The box the continuous input z lives in (pixels: (0, 1)); attacks stay inside it. None: ℝ.
     input_bounds: tuple[float, float] | None = None
     # LoRA's usual learning rate here: the centre of every variant's default search grid (times
-    # the variant's lr_scale; lowrank.study.auto_grid). Tasks set it from their committed sweeps.
+    # the variant's lr_scale; lowrank.arguments.auto_grid). Tasks set it from their committed sweeps.
     lr_centre: float = 1e-2
 
     def __init__(self) -> None:
