@@ -75,6 +75,7 @@ def test_the_valid_options_come_from_the_constructor(monkeypatch):
     @lr.register
     class Scaled(lr.variant_class("lora")):
         name = "scaled_for_test"
+        display_name = "scaled LoRA (test)"
 
         def __init__(self, base, rank=8, alpha=None, dropout=0.0, seed=0, gain=1.0):
             super().__init__(base, rank, alpha, dropout, seed)

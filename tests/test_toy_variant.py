@@ -45,6 +45,7 @@ class Diagonal(lr.Adapter):
     d ∈ ℝ^r starts at 0. Trainable: r."""
 
     name = NAME
+    display_name = "toy diagonal"
     max_rank_reason = "ΔW has min(out, in) diagonal entries"
 
     @classmethod

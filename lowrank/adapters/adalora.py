@@ -32,6 +32,7 @@ class AdaLoRA(Adapter):
     """
 
     name = "adalora"
+    display_name = "AdaLoRA"
 
     @classmethod
     def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,

@@ -75,6 +75,9 @@ class Adapter(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # How figures and tables name the variant (lowrank.plots.label): short enough for a legend,
+    # unique among registered variants; every registered class sets its own.
+    display_name: ClassVar[str] = ""
     peft: ClassVar[PeftFormat | None] = None  # how PEFT stores the variant, if it has it
     # Why ΔW cannot be computed from a saved adapter_state() without the base weight W₀, in one
     # sentence (lowrank inspect shows it); "" when the adapter's own tensors and config() fix ΔW.

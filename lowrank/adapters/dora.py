@@ -48,6 +48,7 @@ class DoRA(LowRankAdapter):
     """
 
     name = "dora"
+    display_name = "DoRA"
     # W₀ + ΔW, not LoRA's residual-base shortcut base + s·BA
     merged_weight = Adapter.merged_weight
     # the branch alone (adapter_forward) is x ΔWᵀ; the forward's route is add_adapter below

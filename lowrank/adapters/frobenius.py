@@ -28,6 +28,7 @@ class FrobeniusUV(LowRankAdapter):
     """
 
     name = "frobenius"
+    display_name = "Frobenius UVᵀ"
     test_options = ({"init": "closed_form", "lam": 0.05},)
     max_rank_reason = ("init='closed_form' starts the factors at r of the closed form's "
                        "min(out, in) singular triplets")

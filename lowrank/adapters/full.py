@@ -19,6 +19,7 @@ class Full(Adapter):
     """
 
     name = "full"
+    display_name = "full fine-tuning"
     delta_needs_w0 = "ΔW = W − W₀ needs the base weight W₀, which the file does not hold"
     takes_rank = False
     lr_scale = 0.03  # text: optima at 0.01–0.03× LoRA's; small MLPs 0.1–6× (an extension finds them)

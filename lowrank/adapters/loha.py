@@ -28,6 +28,7 @@ class LoHa(Adapter):
     """
 
     name = "loha"
+    display_name = "LoHa"
 
     @classmethod
     def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,

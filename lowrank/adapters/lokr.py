@@ -76,6 +76,7 @@ class LoKr(Adapter):
     """
 
     name = "lokr"
+    display_name = "LoKr"
 
     @classmethod
     def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,

@@ -140,6 +140,7 @@ class LoRA(LowRankAdapter):
     """LoRA: ΔW = (α/r)·B A; A kaiming-uniform(a=√5), B = 0 (Hu et al., 2021, arXiv 2106.09685)."""
 
     name = "lora"
+    display_name = "LoRA"
 
     # PEFT stores A and B as lora_A and lora_B
     peft = LowRankAdapter.peft_lora()
@@ -150,6 +151,7 @@ class RsLoRA(LowRankAdapter):
     """rsLoRA: ΔW = (α/√r)·B A, init as LoRA (Kalajdzievski, 2023, arXiv 2312.03732)."""
 
     name = "rslora"
+    display_name = "rsLoRA"
 
     # PEFT stores rsLoRA as a LoRA with use_rslora
     peft = LowRankAdapter.peft_lora(use_rslora=True)

@@ -28,6 +28,7 @@ class RandomAlignment(LowRankAdapter):
     """
 
     name = "random_alignment"
+    display_name = "random alignment"
     lr_scale = 3.0  # B alone trains, in a frozen basis: optima 1–7× LoRA's in the sweeps, text 3×
     trains_A = False
     max_rank_reason = "A's r rows are orthonormal vectors of ℝ^in, of which there are at most in"

@@ -24,9 +24,19 @@ class OptionError(TypeError):
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: add a variant to the registry under ``cls.name``."""
+    """Class decorator: add a variant to the registry under ``cls.name``. The class must set its
+    own ``display_name`` (what figures and tables call it), one no other variant uses."""
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"variant name {cls.name!r} is empty or already registered")
+    shown = vars(cls).get("display_name", "")
+    if not (isinstance(shown, str) and shown.strip()):
+        raise ValueError(f"variant {cls.name!r} ({cls.__qualname__}) has no display_name of its own; "
+                         "set the class attribute display_name to the name figures should show, "
+                         "e.g. display_name = \"LoRA\"")
+    taken = {other.display_name: name for name, other in _REGISTRY.items()}
+    if shown in taken:
+        raise ValueError(f"variant {cls.name!r} has display_name {shown!r}, which variant "
+                         f"{taken[shown]!r} already uses; give it a display_name of its own")
     _REGISTRY[cls.name] = cls
     return cls
 

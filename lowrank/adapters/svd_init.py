@@ -25,6 +25,7 @@ class PiSSA(LowRankAdapter):
     """
 
     name = "pissa"
+    display_name = "PiSSA"
     test_options = ({"svd": "randomized"},)
     smallest = False
     max_rank_reason = "its factors start at r of W₀'s min(out, in) singular triplets"
@@ -58,6 +59,7 @@ class MiLoRA(PiSSA):
     """MiLoRA: as PiSSA with the r smallest singular triplets (Wang et al., 2024, arXiv 2406.09044)."""
 
     name = "milora"
+    display_name = "MiLoRA"
     test_options = ()  # the smallest triplets need the exact SVD
     smallest = True
 

@@ -60,6 +60,7 @@ class VeRA(Adapter):
     """
 
     name = "vera"
+    display_name = "VeRA"
     lr_scale = 3.0  # only the scaling vectors train: optima 2–20× LoRA's in the sweeps, text 3×
 
     # PEFT stores VeRA's b and d as vera_lambda_b and vera_lambda_d
