@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from . import plots, study, tasks
@@ -74,11 +75,11 @@ def _metric_vs_size(row: Sequence[Axes], s: pd.DataFrame, free: set[str],
     trainable parameters (log), one line per variant, the rank-free variants as bands."""
     for ax in row[:2]:
         for _, f in s[s["variant"].isin(free)].iterrows():
-            plots.reference(ax, f["mean"], f["std"])
+            plots.reference(ax, f["mean"], f["std"], label=plots.label(f["variant"]))
     for variant, g in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
         g = g.sort_values("rank")
         for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
-            ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=variant,
+            ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=plots.label(variant),
                         capsize=1.5, **styles[variant])
     row[0].set_xscale("log", base=2)
     row[0].set_xlabel("rank r")
@@ -86,9 +87,11 @@ def _metric_vs_size(row: Sequence[Axes], s: pd.DataFrame, free: set[str],
     row[1].set_xlabel("trainable parameters")
 
 
-def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str, str]]) -> None:
+def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str, str]]
+            ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every (variant, rank) of the summary ``s`` at its trainable parameters (log), and the
-    Pareto front over both (:func:`lowrank.plots.pareto_front`), each point on it labelled."""
+    Pareto front over both (:func:`lowrank.plots.pareto_front`), its points outlined; returns
+    the front's points and their labels (variant and rank), placed once the layout is final."""
     pts = s.dropna(subset=["mean"])
     x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
     front = plots.pareto_front(x, y, higher)
@@ -96,12 +99,15 @@ def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str,
         ax.scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
                    marker=styles[variant]["marker"], linewidths=0)
     ax.step(x[front], y[front], where="post", color="0.2", lw=1.0, label="Pareto front")
-    for i in front:
-        rank = pts["rank"].iloc[i]
-        ax.annotate(pts["variant"].iloc[i] + ("" if pd.isna(rank) else f" r{int(rank)}"),
-                    (x[i], y[i]), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    on = pts.iloc[front]
+    for variant, g in on.groupby("variant"):
+        ax.scatter(g["params"], g["mean"], s=14, color=styles[variant]["color"], zorder=3,
+                   marker=styles[variant]["marker"], edgecolors="black", linewidths=0.5)
+    ax.scatter([], [], s=14, color="0.6", edgecolors="black", linewidths=0.5,
+               label="on the Pareto front (outlined)")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
+    return x[front], y[front], [plots.label(v, r) for v, r in zip(on["variant"], on["rank"])]
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
@@ -113,18 +119,23 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         raise ValueError("no finished runs to plot; run the sweep first")
     free = study.rank_free(df["variant"])  # drawn as bands
     styles = plots.style_for(df["variant"].unique())
-    with plots.panels(len(tasks), 3, 2.2 * len(tasks)) as (fig, axes):
+    with plots.panels(len(tasks), 3, 2.4 * len(tasks) + 0.3) as (fig, axes):
+        labels = []
         for row, task in zip(axes, tasks):
             sub = df[df["task"] == task]
             metric = sub["metric"].iloc[0]
             s = _summary(sub, f"test_{metric}")
             _metric_vs_size(row, s, free, styles)
-            _pareto(row[2], s, bool(sub["higher_is_better"].iloc[0]), styles)
-            for ax in row:
-                ax.set_ylabel(f"{task}: {plots.label(metric)}")
+            labels.append((row[2], *_pareto(row[2], s, bool(sub["higher_is_better"].iloc[0]), styles)))
+            for ax, title in zip(row, ("by rank", "by size", "Pareto front")):
+                ax.set_ylabel(plots.metric_label(metric))
+                ax.set_title(f"{task}: {title}")
                 if metric in ("delta_error", "mse", "perplexity"):
                     ax.set_yscale("log")
-        plots.legend_below(fig, axes, max_cols=6)
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=5)
+        for ax, x, y, texts in labels:
+            plots.place_labels(ax, x, y, texts)
         return plots.save(fig, stem)
 
 

@@ -134,6 +134,10 @@ class StudyParser(argparse.ArgumentParser):
                            "auto or learning rates")
             ns.lr_grid = AUTO
         ns.run_name = "_".join([self.name, *(k for k in self.presets if getattr(ns, k))])
+        if ns.out is not None and ns.out.suffix.lower() != ".csv":
+            self.error(f"--out {ns.out} is not a .csv file: --out is the results CSV (e.g. "
+                       f"results/{ns.run_name}.csv), and the figure's path goes to --figure, "
+                       "without an extension")
         ns.out = ns.out or self.results / f"{ns.run_name}.csv"
         ns.figure = ns.figure or self.root / FIGURES / ns.run_name
         ns.script, ns.resumes = self.script, [ns.out]  # a study adds the other CSVs it resumes

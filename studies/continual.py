@@ -212,33 +212,44 @@ def _marker_size(r: float, lo: float, hi: float) -> float:
     return 12 + 60 * (np.log2(r) - lo) / max(hi - lo, 1)
 
 
-def _full_curve(ax: Axes, c: pd.DataFrame, xlim: tuple[float, float]) -> pd.Series:
-    """Full fine-tuning at every searched learning rate (``c``) as a dotted line, each point
-    inside ``xlim`` labelled with its rate unless that label would sit on another, the rates
-    outside listed; returns the forgetting of the points inside."""
+def _full_curve(ax: Axes, c: pd.DataFrame, xlim: tuple[float, float]) -> pd.DataFrame:
+    """Full fine-tuning at every searched learning rate (``c``) as a dotted line, the rates
+    outside ``xlim`` listed; returns the points inside, which the caller labels with their rate
+    once the layout is final (:func:`lowrank.plots.place_labels`)."""
     ref = plots.REFERENCE["color"]
     ax.plot(c["test_accuracy"], c["test_forgetting"], ls=":", color=ref, lw=0.8,
-            marker=".", zorder=1, label="full FT, every searched lr (seed 0)")
+            marker=".", zorder=1, label="full fine-tuning at each searched lr (labelled), seed 0")
     inside = c["test_accuracy"].between(*xlim)
-    shown: list[tuple[float, float]] = []
-    for x, y, rate in zip(c["test_accuracy"][inside], c["test_forgetting"][inside],
-                          c["lr"][inside]):
-        if all(abs(x - a) > 0.03 * (xlim[1] - xlim[0]) or abs(y - b) > 0.03
-               for a, b in shown):  # no label on top of another
-            ax.annotate(f"{rate:g}", (x, y), fontsize=5, color=ref,
-                        xytext=(2, -6), textcoords="offset points")
-            shown.append((x, y))
     if (~inside).any():
         off = ", ".join(f"{r:g}" for r in c.loc[~inside, "lr"])
-        ax.text(0.02, 0.98, f"full FT at lr {off}: off the panel", fontsize=5,
+        ax.text(0.02, 0.98, f"full fine-tuning at lr {off}: off the panel", fontsize=5,
                 color=ref, transform=ax.transAxes, va="top")
-    return c.loc[inside, "test_forgetting"]
+    return c.loc[inside]
+
+
+def _close_rates(c: pd.DataFrame, xlim: tuple[float, float], ylim: tuple[float, float],
+                 near: float = 0.04) -> list[tuple[float, float, str]]:
+    """The learning-rate labels of the full fine-tuning curve ``c``: (x, y, text) per group of
+    points within ``near`` of the panel's width and height of the group's first point, in
+    order of the rate, the group's rates in one label ("0.03, 0.1, 1")."""
+    groups: list[tuple[float, float, list[str]]] = []
+    w, h = xlim[1] - xlim[0], ylim[1] - ylim[0]
+    for x, y, rate in zip(c["test_accuracy"], c["test_forgetting"], c["lr"]):
+        for gx, gy, rates in groups:
+            if abs(x - gx) < near * w and abs(y - gy) < near * h:
+                rates.append(f"{rate:g}")
+                break
+        else:
+            groups.append((x, y, [f"{rate:g}"]))
+    return [(x, y, ", ".join(rates)) for x, y, rates in groups]
 
 
 def _trade_off(ax: Axes, sub: pd.DataFrame, s: pd.DataFrame, c: pd.DataFrame | None,
-               ranks: pd.Series, free: set[str], styles: dict[str, dict[str, str]], title: str) -> None:
+               ranks: pd.Series, free: set[str], styles: dict[str, dict[str, str]], title: str
+               ) -> pd.DataFrame:
     """One task's accuracy-vs-forgetting panel: each tuned variant through its ranks (marker size:
-    rank), full fine-tuning a black star, full fine-tuning at every searched rate from ``c``."""
+    rank), full fine-tuning a black star, full fine-tuning at every searched rate from ``c``;
+    returns the points of that curve inside the panel (to label with their rates)."""
     lo, hi = (np.log2(ranks.min()), np.log2(ranks.max())) if len(ranks) else (0, 1)
     # the panel spans the tuned runs; full FT runs far to their left are listed instead
     x0 = (s["accmean"] - s["accstd"]).min()
@@ -246,9 +257,12 @@ def _trade_off(ax: Axes, sub: pd.DataFrame, s: pd.DataFrame, c: pd.DataFrame | N
     xlim = (x0 - 0.06 * (x1 - x0) - 0.01, min(1.0, x1 + 0.06 * (x1 - x0) + 0.01))
     ys = [s["fgtmean"] - s["fgtstd"], s["fgtmean"] + s["fgtstd"]]
     ax.axhline((sub["test_old_accuracy"] + sub["test_forgetting"]).mean(), color="0.6",
-               lw=0.6, ls="--", zorder=0, label="all old-task accuracy lost")
+               lw=0.6, ls="--", zorder=0,
+               label="old task wholly forgotten")
+    shown = c.iloc[:0] if c is not None else pd.DataFrame()
     if c is not None and len(c):
-        ys.append(_full_curve(ax, c, xlim))
+        shown = _full_curve(ax, c, xlim)
+        ys.append(shown["test_forgetting"])
     y = pd.concat(ys)
     pad = 0.06 * (y.max() - y.min()) + 0.01
     ax.set_xlim(*xlim)
@@ -259,7 +273,7 @@ def _trade_off(ax: Axes, sub: pd.DataFrame, s: pd.DataFrame, c: pd.DataFrame | N
                     color=st["color"], lw=0.7, alpha=0.8, capsize=1.2, zorder=2)
         ax.scatter(v["accmean"], v["fgtmean"], s=[_marker_size(r, lo, hi) for r in v["rank"]],
                    color=st["color"], marker=st["marker"], zorder=3, linewidths=0,
-                   label=variant)
+                   label=plots.label(variant))
     for _, f in s[s["variant"].isin(free)].iterrows():
         ax.errorbar(f["accmean"], f["fgtmean"], xerr=f["accstd"], yerr=f["fgtstd"],
                     **plots.REFERENCE, markersize=10, ls="none", capsize=1.5, zorder=4,
@@ -267,14 +281,15 @@ def _trade_off(ax: Axes, sub: pd.DataFrame, s: pd.DataFrame, c: pd.DataFrame | N
     ax.set_title(title + " (marker size: rank)")
     ax.set_xlabel("new-task test accuracy")
     ax.set_ylabel("forgetting: old-task test accuracy lost")
+    return shown
 
 
 def _intruder_panel(ax: Axes, s: pd.DataFrame, ranks: pd.Series, free: set[str],
-                    styles: dict[str, dict[str, str]], n_layers: int) -> None:
+                    styles: dict[str, dict[str, str]], n_layers: int, title: str) -> None:
     """One task's intruder dimensions (summed over its ``n_layers`` layers) vs rank (log₂), one
     line per tuned variant, full fine-tuning a band."""
     for variant, v in _tuned(s, free):
-        ax.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=variant,
+        ax.errorbar(v["rank"], v["intrmean"], yerr=v["intrstd"], label=plots.label(variant),
                     capsize=1.5, **styles[variant])
     for _, f in s[s["variant"].isin(free)].iterrows():
         plots.reference(ax, f["intrmean"], f["intrstd"], "full fine-tuning (tuned lr)",
@@ -287,6 +302,7 @@ def _intruder_panel(ax: Axes, s: pd.DataFrame, ranks: pd.Series, free: set[str],
     ax.set_xlabel("rank r")
     ax.set_ylabel(f"intruder dimensions (sum over {n_layers} layers)")
     ax.set_ylim(bottom=0)
+    ax.set_title(f"{title}: intruder dimensions")
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None = None,
@@ -304,15 +320,22 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, curve: pd.DataFrame | None
     titles = titles or {}
     free = study.rank_free(df["variant"])
     styles = plots.style_for(df["variant"].unique())
-    with plots.panels(2, len(tasks), 5.2) as (fig, axes):
+    with plots.panels(2, len(tasks), 5.4) as (fig, axes):
+        rates = []
         for col, task in enumerate(tasks):
             sub = df[df["task"] == task]
             s = _means(sub)
             ranks = s.loc[~s["variant"].isin(free), "rank"].dropna()
             c = None if curve is None else curve[curve["task"] == task].sort_values("lr")
-            _trade_off(axes[0, col], sub, s, c, ranks, free, styles, titles.get(task, task))
-            _intruder_panel(axes[1, col], s, ranks, free, styles, int(sub["n_layers"].max()))
-        plots.legend_below(fig, axes, max_cols=6)
+            title = titles.get(task, task)
+            rates.append((axes[0, col], _trade_off(axes[0, col], sub, s, c, ranks, free, styles, title)))
+            _intruder_panel(axes[1, col], s, ranks, free, styles, int(sub["n_layers"].max()), title)
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=3)
+        for ax, c in rates:
+            groups = _close_rates(c, ax.get_xlim(), ax.get_ylim())
+            plots.place_labels(ax, [x for x, _, _ in groups], [y for _, y, _ in groups],
+                               [text for _, _, text in groups], color=plots.REFERENCE["color"])
         return plots.save(fig, stem)
 
 

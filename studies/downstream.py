@@ -371,7 +371,7 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
             rate = "—" if pd.isna(r.lr) else f"{r.lr:g}" + ("" if r.lr_status == "interior" else "†")
             lines.append(
-                f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
+                f"| {plots.label(r.variant)} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 + (f"{cells.get((dataset, r.variant, rank), '— | —')} | " if show else "")
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
@@ -395,7 +395,7 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
         full = diffs.loc[diffs["rank"].isna(), ["variant", "lora_rank"]].drop_duplicates()
         lines.append(
             "\nΔ vs LoRA: test accuracy minus LoRA's at the budget the row is compared at"
-            + "".join(f" ({v}: LoRA r={b})" for v, b in full.itertuples(index=False))
+            + "".join(f" ({plots.label(v)}: LoRA r={b})" for v, b in full.itertuples(index=False))
             + ", in points, mean over the seeds both ran (paired by seed) and the test examples; "
             f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates); "
             f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}.")
@@ -403,15 +403,20 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None = None) -> list[Path]:
-    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory, mean ±
-    std over seeds, the Pareto front over both; the linear probe is a dashed line. With
+    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory (from
+    0), mean ± std over seeds, the Pareto front over both; the linear probe is a dashed line;
+    points at another rank than the one most variants ran at are tagged with it. With
     ``diffs`` (:func:`comparisons`, not empty), also :func:`interval_figure` at
     ``<stem>_intervals``."""
     datasets = list(dict.fromkeys(df["dataset"]))
     if not datasets:
         raise ValueError("no finished runs to plot; run the study first")
     styles = plots.style_for([v for v in df["variant"].unique() if v != "probe"])
-    with plots.panels(len(datasets), 2, 2.4 * len(datasets)) as (fig, axes):
+    tags = []  # (panel, x, y, rank tags), placed once the layout is final
+    # the rank most variants ran at (ties: the smallest) is not tagged
+    shared = df[df["variant"] != "probe"].dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
+    usual = shared.idxmax() if len(shared) else np.nan
+    with plots.panels(len(datasets), 2, 2.5 * len(datasets) + 0.4) as (fig, axes):
         for row, dataset in zip(axes, datasets):
             sub = df[df["dataset"] == dataset]
             s = (sub.groupby(["variant", "rank"], dropna=False)
@@ -420,23 +425,32 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None
                  .reset_index())
             probe = s[s["variant"] == "probe"]
             runs = s[s["variant"] != "probe"]
-            for ax, col, xlabel in ((row[0], "params", "trainable parameters"),
-                                    (row[1], "mem", "peak memory of the run (MiB)")):
+            for ax, col, xlabel, title in (
+                    (row[0], "params", "trainable parameters", "accuracy by trainable parameters"),
+                    (row[1], "mem", "peak memory of the run (MiB)", "accuracy by peak memory")):
                 for _, p in probe.iterrows():
-                    plots.reference(ax, p["mean"], label="linear probe", color="0.4")
+                    plots.reference(ax, p["mean"], label=plots.label("probe"), color="0.4")
                 for _, r in runs.iterrows():
                     ax.errorbar(r[col], r["mean"], yerr=np.nan_to_num(r["std"]), capsize=1.5,
-                                label=r["variant"], ls="none", **styles[r["variant"]])
-                    tag = "" if pd.isna(r["rank"]) else f"r{int(r['rank'])}"
-                    ax.annotate(tag, (r[col], r["mean"]), fontsize=5, xytext=(2, -6),
-                                textcoords="offset points")
+                                label=plots.label(r["variant"]), ls="none", **styles[r["variant"]])
                 x, y = runs[col].to_numpy(float), runs["mean"].to_numpy(float)
                 front = plots.pareto_front(x, y, True)
                 ax.step(x[front], y[front], where="post", color="0.2", lw=0.8, label="Pareto front")
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{dataset}: test accuracy")
+                ax.set_title(f"{dataset}: {title}")
             row[0].set_xscale("log")
-        plots.legend_below(fig, axes, max_cols=7)
+            row[1].set_xlim(0, runs["mem"].max() * 1.05)  # memory from 0: no exaggerated gaps
+            tags.append((row[0], runs["params"], runs["mean"],
+                         ["" if pd.isna(k) or k == usual else f"r={int(k)}" for k in runs["rank"]]))
+        axes[0, 0].plot([], [], ls="none", marker="|", color="0.3", markersize=6,
+                        label="error bars: ± std over seeds")
+        if not pd.isna(usual):
+            axes[0, 0].plot([], [], ls="none", label=f"untagged points: r = {int(usual)}")
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=5)
+        for ax, x, y, texts in tags:
+            plots.place_labels(ax, x, y, texts)
         paths = plots.save(fig, stem)
     if diffs is not None and not diffs.empty:
         paths += interval_figure(diffs, f"{stem}_intervals")
@@ -459,8 +473,8 @@ def interval_figure(diffs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                             color=st["color"], marker=st["marker"], markersize=5, ls="none",
                             capsize=2, markerfacecolor=st["color"] if r["significant"] else "white")
             ax.axvline(0, color="0.3", lw=0.8, ls="--", zorder=0)
-            ax.set_yticks(range(len(d)), [v if pd.isna(k) else f"{v} r{int(k)}"
-                                          for v, k in zip(d["variant"], d["rank"])])
+            ax.set_yticks(range(len(d)), [plots.label(v, k) for v, k in zip(d["variant"], d["rank"])])
+            ax.set_ylabel("variant at the matched budget")
             ax.set_ylim(-0.6, len(d) - 0.4)
             ax.grid(axis="y", visible=False)
             lora = ", ".join(f"r = {int(b)}" for b in sorted(d["lora_rank"].unique()))
@@ -470,6 +484,7 @@ def interval_figure(diffs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                              (False, "not significant")):
             axes[0, 0].plot([], [], "o", color="0.3", markerfacecolor="0.3" if filled else "white",
                             label=text)
+        plots.letter_panels(axes)
         plots.legend_below(fig, axes)
         return plots.save(fig, stem)
 

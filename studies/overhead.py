@@ -210,12 +210,22 @@ def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
     return _rows(times, d, rank, args)
 
 
+def config_label(config: str) -> str:
+    """How the figure names a configuration: "lora (merged)" → "LoRA, merged", "peft dora" →
+    "PEFT DoRA", "base" → "base Linear"."""
+    merged = config.endswith(" (merged)")
+    name = config.removesuffix(" (merged)")
+    text = f"PEFT {plots.label(name[5:])}" if name.startswith("peft ") else plots.label(name)
+    return f"{text}, merged" if merged else text
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Dot plot of time relative to the base Linear (median over rounds of the paired ratio),
     per configuration; one panel per measurement kind, one marker per (d, r) shape; the dashed
     line is the base layer."""
     shapes = [tuple(x) for x in df[["d", "rank"]].drop_duplicates().to_numpy()]
-    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", c))
+    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", config_label(c).lower()))
+    names = [config_label(c) for c in configs]
     kinds = list(dict.fromkeys(df["kind"]))
     with plots.panels(1, len(kinds), 0.16 * len(configs) + 1.2, sharey=True) as (fig, axes):
         for ax, kind in zip(axes[0], kinds):
@@ -232,9 +242,13 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                      if sub["ratio_to_base"].min() * 0.95 <= t <= sub["ratio_to_base"].max() * 1.05]
             ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_xlabel(f"{kind}: time / base Linear")
-            ax.set_yticks(range(len(configs)), configs)
+            ax.set_xlabel("time / base Linear's time (median ratio)")
+            ax.set_title(f"{'eval forward' if kind == 'forward' else 'training ' + kind}")
+            ax.set_yticks(range(len(configs)), names)
+        axes[0, 0].set_ylabel("layer (lowrank variant unless PEFT)")
         axes[0, 0].invert_yaxis()  # shared y: once for all panels; base on top
+        axes[0, 0].plot([], [], color="0.4", ls="--", lw=0.8, label="base Linear (1×)")
+        plots.letter_panels(axes)
         plots.legend_below(fig, axes, max_cols=5)
         return plots.save(fig, stem)
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib import ticker
@@ -169,37 +170,64 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("mean")
 
 
+METHOD_LABELS = {"svd": "truncated SVD (exact: the bound)", "randomized_svd": "randomized SVD",
+                 "random_projection": "random projection W Q Qᵀ", "lora_adam": "LoRA init + Adam"}
+MATRIX_TITLES = {"synthetic.power_law": "synthetic σᵢ = 1/i", "synthetic.exponential": "synthetic σᵢ = 0.9ⁱ",
+                 "synthetic.flat": "synthetic σᵢ = 1"}
+MODULES = {"intermediate.dense": "FFN up", "output.dense": "FFN down"}  # MiniLM's BERT names
+
+
 def _method_label(method: str, lam_rel: float) -> str:
-    return method if method not in ("gd_uv", "closed_form") else f"{method} λ={lam_rel:g}σ₁"
+    """How the figure names a method (at λ = ``lam_rel``·σ₁ for the two regularised ones)."""
+    lam = "λ = 0" if lam_rel == 0 else f"λ = {lam_rel:g}σ₁"
+    if method == "gd_uv":
+        return f"GD on UVᵀ + λ‖·‖², {lam}"
+    if method == "closed_form":
+        return f"closed form ({lam})"
+    return METHOD_LABELS.get(method, method)
+
+
+def _matrix_title(name: str, rows: int, cols: int) -> str:
+    """``minilm.layer.0.attention.self.query`` → "MiniLM L0 query, 384×384", the feed-forward
+    layers as FFN up and down."""
+    short = MATRIX_TITLES.get(name) or (name.replace("minilm.layer.", "MiniLM L", 1)
+                                        .replace("attention.self.", "").replace(".", " ", 1))
+    for part, plain in MODULES.items():
+        short = short.replace(part, plain)
+    return f"{short}, {rows}×{cols}"
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike,
                    matrices: Sequence[str] | None = None) -> list[Path]:
-    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for a few matrices (the Eckart–Young bound a
-    black line, closed forms dashed in their gradient-descent colour), then a summary panel:
-    mean ratio to Eckart–Young per method over every matrix and rank where the bound is at
-    least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by the step budget)."""
-    if matrices is None:  # the synthetic spectra, then the first attention and MLP matrix
+    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for every matrix of ``df`` (or ``matrices``;
+    the Eckart–Young bound a black line, closed forms dashed in their gradient-descent colour),
+    then a summary panel: mean ratio to Eckart–Young per method over every matrix and rank where
+    the bound is at least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by
+    the step budget)."""
+    if matrices is None:  # the synthetic spectra, then the MiniLM weights, in the CSV's order
         names = list(dict.fromkeys(df["matrix"]))
-        syn = [n for n in names if n.startswith("synthetic.")]
-        attn = [n for n in names if ".attention." in n][:1]
-        mlp = [n for n in names if n.startswith("minilm.") and ".attention." not in n][:1]
-        matrices = syn + attn + mlp
+        matrices = [n for n in names if n.startswith("synthetic.")] + [
+            n for n in names if not n.startswith("synthetic.")]
     df = df.assign(label=[_method_label(m, c) for m, c in zip(df["method"], df["lam_rel"])])
-    gd = [_method_label("gd_uv", c) for c in sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())]
+    lams = sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())
+    gd = [_method_label("gd_uv", c) for c in lams]
     others = [m for m in ("svd", "randomized_svd", "random_projection", "lora_adam")
               if m in set(df["method"])]
     palette = [c for c in plots.OKABE_ITO if c != "#000000"]  # black is the Eckart–Young line
-    styles = {m: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i]}
-              for i, m in enumerate(others + gd)}
-    for g in gd:
-        styles[g.replace("gd_uv", "closed_form")] = {"color": styles[g]["color"], "ls": "--",
-                                                     "marker": "", "lw": 0.8}
-    styles["svd"] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
-    n = len(matrices) + 1
+    styles = {lab: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i]}
+              for i, lab in enumerate([_method_label(m, 0.0) for m in others] + gd)}
+    for c, g in zip(lams, gd):
+        styles[_method_label("closed_form", c)] = {"color": styles[g]["color"], "ls": "--",
+                                                   "marker": "", "lw": 0.8}
+    svd = _method_label("svd", 0.0)
+    if svd in styles:
+        styles[svd] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
     cols = 3
-    with plots.panels((n + cols - 1) // cols, cols, 2.1 * ((n + 2) // 3)) as (fig, axes):
-        flat = axes.ravel()
+    rows = -(-len(matrices) // cols)
+    free = rows * cols - len(matrices)  # empty slots of the last row: the legend goes there
+    with plots.panels(rows + 1, cols, 1.9 * rows + 1.9,
+                      gridspec_kw={"height_ratios": [1] * rows + [1.15]}) as (fig, axes):
+        flat = list(axes.ravel())
         for ax, name in zip(flat, matrices):
             sub = df[df["matrix"] == name]
             ey = sub.groupby("rank")["eckart_young"].first()
@@ -207,15 +235,19 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike,
                     zorder=1)
             for lab, st in styles.items():
                 g = sub[sub["label"] == lab].sort_values("rank")
-                if len(g) and not (lab.startswith("closed_form") and g["lam_rel"].iloc[0] == 0):
+                if len(g) and not (g["method"].iloc[0] == "closed_form" and g["lam_rel"].iloc[0] == 0):
                     ax.plot(g["rank"], g["error"], label=lab, zorder=2, **st)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            short = name.replace("minilm.layer.", "MiniLM L").replace("attention.self.", "")
-            ax.set_title(f"{short} ({sub['rows'].iloc[0]}×{sub['cols'].iloc[0]})")
+            ax.set_title(_matrix_title(name, sub["rows"].iloc[0], sub["cols"].iloc[0]))
             ax.set_xlabel("rank r")
             ax.set_ylabel(r"$\|W-\hat W_r\|_F/\|W\|_F$")
-        ax = flat[len(matrices)]
+        gs = axes[0, 0].get_subplotspec().get_gridspec()
+        for extra in flat[len(matrices):]:
+            extra.remove()
+        drawn = flat[:len(matrices)]
+        blank = fig.add_subplot(gs[rows - 1, cols - free:]) if free else None
+        ax = fig.add_subplot(gs[rows, 1:])  # its method names reach into the empty first column
         mean = df[df["eckart_young"] >= MIN_BOUND].groupby("label")["ratio"].mean()
         order = [lab for lab in styles if lab in mean.index]
         ax.barh(range(len(order)), [mean[lab] for lab in order],
@@ -230,10 +262,15 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike,
         ax.set_xlim(0.9, mean.max() * 2)
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"mean error / Eckart–Young (bound ≥ {MIN_BOUND:g})")
-        for extra in flat[n:]:
-            extra.set_visible(False)
-        plots.legend_below(fig, axes, max_cols=4)
+        ax.set_xlabel(f"mean error / Eckart–Young error (where the bound ≥ {MIN_BOUND:g})")
+        ax.set_ylabel("method")
+        ax.yaxis.set_in_layout(False)
+        ax.set_title("every matrix and rank: ratio to the bound")
+        plots.letter_panels([*drawn, ax])
+        if blank is not None:
+            plots.legend_in(blank, drawn, ncol=free)
+        else:
+            plots.legend_below(fig, np.array(drawn), max_cols=3)
         return plots.save(fig, stem)
 
 

@@ -170,9 +170,11 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     modes = [m for m in ("none", "fgsm", "pgd") if m in set(df["mode"])]
     evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
              ("test_pgd_accuracy", "PGD-10")]
-    df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
     free = study.rank_free(df["variant"])
-    configs = sorted(dict.fromkeys(df["config"]), key=lambda c: c not in free)  # stable: full first
+    df = df.assign(config=[plots.label(v, r) for v, r in zip(df["variant"], df["rank"])],
+                   free=df["variant"].isin(free))
+    configs = list(dict.fromkeys(  # full fine-tuning first
+        df.sort_values("free", ascending=False, kind="stable")["config"]))
     offset = {m: (i - (len(modes) - 1) / 2) * 0.22 for i, m in enumerate(modes)}
     with plots.panels(len(tasks), 3, 0.32 * len(configs) * len(tasks) + 1.0, sharey=True) as (fig, axes):
         for row, task in zip(axes, tasks):
@@ -189,8 +191,12 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 ax.set_title(f"{task}: {name}")
                 ax.grid(axis="y", visible=False)
             row[0].set_yticks(range(len(configs)), configs)
+            row[0].set_ylabel("variant (trained with each mode)")
         axes[0, 0].invert_yaxis()  # shared y: once for all panels; full on top
-        plots.legend_below(fig, axes, max_cols=len(modes))
+        axes[0, 0].plot([], [], ls="none", marker="_", color="0.3", markersize=8,
+                        label="error bars: ± std over seeds")
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=len(modes) + 1)
         return plots.save(fig, stem)
 
 

@@ -181,10 +181,12 @@ def _spectrum_panel(ax, S: pd.DataFrame, names: list[str], free: set[str], style
             continue
         q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
         st = FULL_STYLE if v in free else {**styles[v], "markevery": 8, "markersize": 3}
-        ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
+        ax.plot(q.index, q[0.5], label=plots.label(v), **st)
         ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
     if r_star:
-        ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
+        ax.axvline(r_star, color="0.5", ls=":", lw=0.8, label="i = r (rank drawn)")
+    ax.fill_between([], [], [], color="0.5", alpha=0.3, lw=0,
+                    label="σ band: quartiles over layers, seeds")
     ax.set_yscale("log")
     ax.set_ylim(1e-9, 2)
     ax.set_xlabel("index i")
@@ -199,12 +201,13 @@ def _rank_panel(ax, L: pd.DataFrame, col: str, ranked: list[str], free: set[str]
     per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
     s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
     for _, f in s[s["variant"].isin(free)].iterrows():
-        plots.reference(ax, f["mean"], f["std"], color=FULL_STYLE["color"], lw=FULL_STYLE["lw"])
+        plots.reference(ax, f["mean"], f["std"], label=plots.label(f["variant"]),
+                        color=FULL_STYLE["color"], lw=FULL_STYLE["lw"])
     for v in ranked:
         g = s[s["variant"] == v].sort_values("rank")
         if len(g):
             ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
-                        label=v, **styles[v])
+                        label=plots.label(v), **styles[v])
     if ranks:
         ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
     ax.set_xscale("log", base=2)
@@ -214,14 +217,27 @@ def _rank_panel(ax, L: pd.DataFrame, col: str, ranked: list[str], free: set[str]
     ax.set_title(title)
 
 
+def spectrum_rank_of(L: pd.DataFrame, spectrum_rank: int) -> int | None:
+    """The rank whose spectra a row of the figure draws: of the ranks that the most variants of
+    the layer rows ``L`` were run at, the one nearest ``spectrum_rank`` (on a log scale; ties: the
+    larger). A sweep of several ranks per variant gives ``spectrum_rank`` if it ran it; one that
+    ran most variants at a single rank (the downstream runs: r = 8) gives that rank, not the one
+    rank a single variant's budget came to."""
+    counts = L.dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
+    if counts.empty:
+        return None
+    best = [int(r) for r, n in counts.items() if n == counts.max()]
+    return min(best, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r))
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
-    """One row per task: σᵢ/σ₁ of ΔW vs i at the rank nearest ``spectrum_rank`` for the B·A
-    family (:func:`ba_family`) and for the other variants (median over layers and seeds,
+    """One row per task: σᵢ/σ₁ of ΔW vs i for the B·A family (:func:`ba_family`) and for the
+    other variants at the rank :func:`spectrum_rank_of` picks (median over layers and seeds,
     interquartile band; full fine-tuning's W − W₀ in black), then effective rank and rank90 vs r
     (layer mean; mean ± std over seeds; full fine-tuning a band, y = r dotted). ``df`` is the
     spectra study's table."""
     lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
-    names = [t if not isinstance(d, str) or not d else f"{t} ({d})"
+    names = [t if not isinstance(d, str) or not d else str(d)
              for t, d in zip(df["task"], df["dataset"])]
     df = df.assign(_task=names)
     lay, sv = df.loc[lay.index], df.loc[sv.index]
@@ -237,14 +253,16 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
         for row, task in zip(axes, tasks):
             L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
             ranks = sorted({int(r) for r in L["rank"].dropna()})
-            r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
+            r_star = spectrum_rank_of(L, spectrum_rank)
             for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
                 _spectrum_panel(ax, S, [*sorted(free), *group], free, styles, r_star,
                                 f"{task}: {title}, r = {r_star}")
-            for ax, col, ylabel in ((row[2], "effective_rank", "effective rank of ΔW"),
-                                    (row[3], "rank90", "rank for 90 % energy")):
-                _rank_panel(ax, L, col, ranked, free, styles, ranks, ylabel, f"{task}, layer mean")
-        plots.legend_below(fig, axes, max_cols=7)
+            for ax, col, ylabel, title in (
+                    (row[2], "effective_rank", "effective rank of ΔW", "effective rank"),
+                    (row[3], "rank90", "rank for 90 % energy", "rank90")):
+                _rank_panel(ax, L, col, ranked, free, styles, ranks, ylabel, f"{task}: {title}")
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=5)
         return plots.save(fig, stem)
 
 

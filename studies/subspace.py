@@ -93,9 +93,10 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 ax.grid(False)
                 ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
                 ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+                first, second = _runs(pair)
                 ax.set_title(f"{layer}: φ, {pair}")
-                ax.set_xlabel("j")
-                ax.set_ylabel("i")
+                ax.set_xlabel(f"j: top-j directions of {second}")
+                ax.set_ylabel(f"i: top-i directions of {first}")
             ax = row[-1]
             g = amp[(amp["layer"] == layer) & (amp["seed"] == 0)].sort_values("rank")
             ax.plot(g["rank"], g["amplification"], color=plots.OKABE_ITO[0], marker=plots.MARKERS[0])
@@ -104,8 +105,19 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
             ax.set_xlabel("rank r")
             ax.set_ylabel(r"$\|\Delta W\|_F / \|U_r^\top W_0 V_r\|_F$")
             ax.set_title(f"{layer}: amplification")
-        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="φ", shrink=0.8)
+        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="subspace similarity φ(i, j)",
+                     shrink=0.8)
+        plots.letter_panels(axes)
         return plots.save(fig, stem)
+
+
+def _runs(pair: str) -> tuple[str, str]:
+    """The two runs a φ pair compares, in words: "r8 vs r64" → ("r = 8", "r = 64"),
+    "r8 seed 0 vs 1" → ("seed 0", "seed 1")."""
+    a, b = pair.split(" vs ")
+    if " seed " in a:
+        return f"seed {a.split()[-1]}", f"seed {b}"
+    return f"r = {a.removeprefix('r')}", f"r = {b.removeprefix('r')}"
 
 
 def train_all(args: argparse.Namespace) -> pd.DataFrame:

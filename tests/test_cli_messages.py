@@ -75,7 +75,7 @@ def test_the_valid_options_come_from_the_constructor(monkeypatch):
     @lr.register
     class Scaled(lr.variant_class("lora")):
         name = "scaled_for_test"
-        display_name = "scaled (test)"
+        display_name = "scaled LoRA (test)"
 
         def __init__(self, base, *, gain=1.0, **common):
             super().__init__(base, **common)

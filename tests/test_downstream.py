@@ -63,8 +63,8 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     # VeRA cannot reach LoRA r=2's budget on 384×384 layers (r + out per layer): its largest rank
     assert set(runs.loc[runs["variant"] == "vera", "rank"]) == {384}
     md = table.read_text()
-    assert "| vera | 384 | budget of LoRA r=2 (closest it can reach) |" in md
-    assert "| probe | — | baseline |" in md
+    assert "| VeRA | 384 | budget of LoRA r=2 (closest it can reach) |" in md
+    assert "| linear probe | — | baseline |" in md
     assert "† the best of the searched learning rates (0.003) is at the edge" in md
     for ext in ("pdf", "png"):
         assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
@@ -85,8 +85,8 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     assert {len(c) for c in new["test_correct"].dropna()} == {48}  # every test sentence
     shown = table.read_text()
     assert "| test accuracy | Δ vs LoRA [95 % CI] | p (Holm) | test macro-F1 |" in shown
-    assert re.search(r"\| lora \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
-    assert re.search(r"\| vera \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
+    assert re.search(r"\| LoRA \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
+    assert re.search(r"\| VeRA \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
                      r"(\d\.\d{3}|< 0\.001)\*? \|", shown)
     assert_figure(fig.with_name("d_intervals"))
     # without the flag the table is drawn from the runs without predictions, as before
@@ -175,9 +175,9 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
     assert diffs.loc["vera", "p_holm"] == pytest.approx(3 / 10_001) and diffs.loc["vera", "significant"]
     args = ds.parse(["--lr-grid", "1e-2"])
     md = ds.table(rows, {}, 10_000, args, ds.comparisons(rows, references))
-    assert "| dora | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
-    assert re.search(r"\| vera \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
-    assert "| lora | 8 |" in md and "| reference | — |" in md
+    assert "| DoRA | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
+    assert re.search(r"\| VeRA \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
+    assert "| LoRA | 8 |" in md and "| reference | — |" in md
     assert "Holm-adjusted over the 3 comparisons of each dataset; * p < 0.05." in md
     plain = rows.drop(columns="test_correct")  # runs without predictions: the table as before
     assert ds.table(plain, {}, 10_000, args, ds.comparisons(plain, references)) == ds.table(

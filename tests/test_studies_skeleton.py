@@ -163,7 +163,7 @@ def drawn(monkeypatch, **kw):
     figs = []
     monkeypatch.setattr(plots, "save", lambda fig, stem: figs.append(fig) or [])
     plots.lr_sensitivity(kw.pop("df", None) if "df" in kw else searched_rows(), "unused", **kw)
-    return {ax.get_title(): ax for ax in figs[0].axes if ax.get_visible()}
+    return {ax.get_title() or ax.get_title(loc="left"): ax for ax in figs[0].axes if ax.get_visible()}
 
 
 def test_lr_figure_draws_every_rate_at_the_search_seed_and_fills_the_chosen_one(monkeypatch):
@@ -171,9 +171,11 @@ def test_lr_figure_draws_every_rate_at_the_search_seed_and_fills_the_chosen_one(
     assert list(panels) == ["a, r = 1", "a, r = 4", "b, r = 1", "b, r = 4"]
     for title, ax in panels.items():
         labelled = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
-        variants = {"lora", "full"} | ({"vera"} if title.endswith("4") else set())
-        assert set(labelled) - {"dev", "test", "chosen on dev"} == variants  # full in every panel
-        vera = labelled.get("vera")
+        variants = {"LoRA", "full fine-tuning"} | ({"VeRA"} if title.endswith("4") else set())
+        keys = {"dev score (solid)", "test score (dashed)", "chosen rate: best dev score (outlined)",
+                "diverged: no score"}
+        assert set(labelled) - keys == variants  # full in every panel
+        vera = labelled.get("VeRA")
         if vera is not None:  # seed 0's rates and dev scores, not seed 1's
             assert list(vera.get_xdata()) == [1e-3, 1e-2, 1e-1]
             assert list(vera.get_ydata()) == pytest.approx([0.5, 0.7, 0.9])  # 0.9 − 0.2 per decade

@@ -161,8 +161,9 @@ def test_the_spectra_figure_draws_the_toy_among_the_others(toy_runs, tmp_path, m
     assert_figure(tmp_path / "spectra")
     (fig,) = drawn
     labels = [{line.get_label() for line in ax.get_lines()} for ax in fig.axes[:4]]
-    assert "lora" in labels[0] and NAME not in labels[0]  # B·A family
-    assert NAME in labels[1] and "lora" not in labels[1]  # others
+    toy = Diagonal.display_name  # legends name variants by their display names
+    assert "LoRA" in labels[0] and toy not in labels[0]  # B·A family
+    assert toy in labels[1] and "LoRA" not in labels[1]  # others
     assert "full fine-tuning" in labels[0] & labels[1]
 
 
