@@ -25,8 +25,7 @@ from .sweep import read_results, tuned_sweep
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora",
-                    "vera"]
+DEFAULT_VARIANTS = ["full", "lora", "rslora", "pissa", "random_alignment", "frobenius", "dora", "vera"]
 DEFAULTS = {
     "task": ["synthetic", "digits"],
     "variants": DEFAULT_VARIANTS,
@@ -35,21 +34,44 @@ DEFAULTS = {
     "steps": 300,
     "batch_size": 64,
 }
-QUICK = {"task": ["synthetic"], "variants": ["full", "lora"], "ranks": [1, 4], "seeds": 1,
-         "lr_grid": [3e-2], "steps": 200}
+QUICK = {
+    "task": ["synthetic"],
+    "variants": ["full", "lora"],
+    "ranks": [1, 4],
+    "seeds": 1,
+    "lr_grid": [3e-2],
+    "steps": 200,
+}
 
 
 # run_ablation's options that the command line gives under the same names
-RUN_OPTIONS = ("task", "variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "task_options",
-               "variant_options")
+RUN_OPTIONS = (
+    "task",
+    "variants",
+    "ranks",
+    "seeds",
+    "lr_grid",
+    "steps",
+    "batch_size",
+    "task_options",
+    "variant_options",
+)
 
 
-def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
-                 variants: Sequence[str] = DEFAULTS["variants"], ranks: Sequence[int] = DEFAULTS["ranks"],
-                 seeds: int = DEFAULTS["seeds"], lr_grid: Sequence[float] | str = study.AUTO,
-                 steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"],
-                 task_options: dict | None = None, variant_options: dict | None = None,
-                 extend: int = 3, **execute: Any) -> pd.DataFrame:
+def run_ablation(
+    out: str | os.PathLike,
+    task: Sequence[str] = DEFAULTS["task"],
+    variants: Sequence[str] = DEFAULTS["variants"],
+    ranks: Sequence[int] = DEFAULTS["ranks"],
+    seeds: int = DEFAULTS["seeds"],
+    lr_grid: Sequence[float] | str = study.AUTO,
+    steps: int = DEFAULTS["steps"],
+    batch_size: int = DEFAULTS["batch_size"],
+    task_options: dict | None = None,
+    variant_options: dict | None = None,
+    extend: int = 3,
+    **execute: Any,
+) -> pd.DataFrame:
     """Run the ablation into the CSV ``out``, skipping the runs it already holds, and return
     the rows at each (task, variant, rank)'s dev-chosen learning rate, every seed 0 … seeds−1.
     ``lr_grid``: rates, or ``"auto"`` (the default: :func:`lowrank.arguments.auto_grid`); ``extend``:
@@ -59,18 +81,19 @@ def run_ablation(out: str | os.PathLike, task: Sequence[str] = DEFAULTS["task"],
     train = {"steps": steps, "batch_size": batch_size, "eval_every": steps}
     fields = {"task_options": task_options or {}, "variant_options": variant_options or {}}
     specs = [s for t in task for s in study.search_specs(t, variants, ranks, train, **fields)]
-    return tuned_sweep(specs, study.search_grid(lr_grid), list(range(seeds)), out, extend=extend,
-                       **execute)
+    return tuned_sweep(specs, study.search_grid(lr_grid), list(range(seeds)), out, extend=extend, **execute)
 
 
 def _summary(df: pd.DataFrame, col: str) -> pd.DataFrame:
     g = df.groupby(["variant", "rank"], dropna=False)
-    return g.agg(mean=(col, "mean"), std=(col, "std"), n=(col, "size"),
-                 params=("trainable_params", "mean")).reset_index()
+    return g.agg(
+        mean=(col, "mean"), std=(col, "std"), n=(col, "size"), params=("trainable_params", "mean")
+    ).reset_index()
 
 
-def _metric_vs_size(row: Sequence[Axes], s: pd.DataFrame, free: set[str],
-                    styles: dict[str, dict[str, str]]) -> None:
+def _metric_vs_size(
+    row: Sequence[Axes], s: pd.DataFrame, free: set[str], styles: dict[str, dict[str, str]]
+) -> None:
     """The first two panels of a task's row: the summary ``s``'s metric vs rank (log₂) and vs
     trainable parameters (log), one line per variant, the rank-free variants as bands."""
     for ax in row[:2]:
@@ -79,16 +102,23 @@ def _metric_vs_size(row: Sequence[Axes], s: pd.DataFrame, free: set[str],
     for variant, g in s[~s["variant"].isin(free)].dropna(subset=["rank"]).groupby("variant"):
         g = g.sort_values("rank")
         for ax, x in ((row[0], g["rank"]), (row[1], g["params"])):
-            ax.errorbar(x, g["mean"], yerr=g["std"].fillna(0), label=plots.label(variant),
-                        capsize=1.5, **styles[variant])
+            ax.errorbar(
+                x,
+                g["mean"],
+                yerr=g["std"].fillna(0),
+                label=plots.label(variant),
+                capsize=1.5,
+                **styles[variant],
+            )
     row[0].set_xscale("log", base=2)
     row[0].set_xlabel("rank r")
     row[1].set_xscale("log")
     row[1].set_xlabel("trainable parameters")
 
 
-def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str, str]]
-            ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _pareto(
+    ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str, str]]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every (variant, rank) of the summary ``s`` at its trainable parameters (log), and the
     Pareto front over both (:func:`lowrank.plots.pareto_front`), its points outlined; returns
     the front's points and their labels (variant and rank), placed once the layout is final."""
@@ -96,15 +126,31 @@ def _pareto(ax: Axes, s: pd.DataFrame, higher: bool, styles: dict[str, dict[str,
     x, y = pts["params"].to_numpy(float), pts["mean"].to_numpy(float)
     front = plots.pareto_front(x, y, higher)
     for variant, g in pts.groupby("variant"):
-        ax.scatter(g["params"], g["mean"], s=10, alpha=0.5, color=styles[variant]["color"],
-                   marker=styles[variant]["marker"], linewidths=0)
+        ax.scatter(
+            g["params"],
+            g["mean"],
+            s=10,
+            alpha=0.5,
+            color=styles[variant]["color"],
+            marker=styles[variant]["marker"],
+            linewidths=0,
+        )
     ax.step(x[front], y[front], where="post", color="0.2", lw=1.0, label="Pareto front")
     on = pts.iloc[front]
     for variant, g in on.groupby("variant"):
-        ax.scatter(g["params"], g["mean"], s=14, color=styles[variant]["color"], zorder=3,
-                   marker=styles[variant]["marker"], edgecolors="black", linewidths=0.5)
-    ax.scatter([], [], s=14, color="0.6", edgecolors="black", linewidths=0.5,
-               label="on the Pareto front (outlined)")
+        ax.scatter(
+            g["params"],
+            g["mean"],
+            s=14,
+            color=styles[variant]["color"],
+            zorder=3,
+            marker=styles[variant]["marker"],
+            edgecolors="black",
+            linewidths=0.5,
+        )
+    ax.scatter(
+        [], [], s=14, color="0.6", edgecolors="black", linewidths=0.5, label="on the Pareto front (outlined)"
+    )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     return x[front], y[front], [plots.label(v, r) for v, r in zip(on["variant"], on["rank"])]
@@ -142,8 +188,11 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
     """The test metric's mean, std and count over seeds per (task, variant, rank)."""
     ok = rows[rows["status"] == "ok"]
-    return (ok.assign(m=[r[f"test_{r['metric']}"] for r in ok.to_dict("records")])
-            .groupby(["task", "variant", "rank"], dropna=False)["m"].agg(["mean", "std", "count"]))
+    return (
+        ok.assign(m=[r[f"test_{r['metric']}"] for r in ok.to_dict("records")])
+        .groupby(["task", "variant", "rank"], dropna=False)["m"]
+        .agg(["mean", "std", "count"])
+    )
 
 
 def report(rows: pd.DataFrame) -> None:
@@ -154,23 +203,42 @@ def report(rows: pd.DataFrame) -> None:
 
 def parser(root: str | os.PathLike = ".", prog: str | None = None) -> study.StudyParser:
     """The ablation's command line; its outputs go under ``root`` (results/, paper_figures/)."""
-    p = study.StudyParser("rank_ablation", __doc__, root, prog=prog, defaults=DEFAULTS,
-                          presets={"quick": ("tiny smoke run (< 1 min)", QUICK)},
-                          epilog="Defaults finish in about 10 minutes on 2 CPU cores.")
-    p.add_argument("--task", nargs="+", type=study.task, metavar="TASK",
-                   help=f"tasks to run, from {', '.join(tasks.names())}")
-    p.add_argument("--task-options", type=study.json_object, default={}, metavar="JSON",
-                   help='options for every task, e.g. \'{"targets": "all-linear"}\' or '
-                        '\'{"max_train": 2000}\' (see each task\'s docstring)')
-    p.add_argument("--variant-options", type=study.json_object, default={}, metavar="JSON",
-                   help='options for every variant, e.g. \'{"alpha": 16, "dropout": 0.1}\'')
-    p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "workers",
-                 "executor")
+    p = study.StudyParser(
+        "rank_ablation",
+        __doc__,
+        root,
+        prog=prog,
+        defaults=DEFAULTS,
+        presets={"quick": ("tiny smoke run (< 1 min)", QUICK)},
+        epilog="Defaults finish in about 10 minutes on 2 CPU cores.",
+    )
+    p.add_argument(
+        "--task",
+        nargs="+",
+        type=study.task,
+        metavar="TASK",
+        help=f"tasks to run, from {', '.join(tasks.names())}",
+    )
+    p.add_argument(
+        "--task-options",
+        type=study.json_object,
+        default={},
+        metavar="JSON",
+        help='options for every task, e.g. \'{"targets": "all-linear"}\' or '
+        "'{\"max_train\": 2000}' (see each task's docstring)",
+    )
+    p.add_argument(
+        "--variant-options",
+        type=study.json_object,
+        default={},
+        metavar="JSON",
+        help='options for every variant, e.g. \'{"alpha": 16, "dropout": 0.1}\'',
+    )
+    p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size", "workers", "executor")
     return p
 
 
-def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".",
-         prog: str | None = None) -> int:
+def main(argv: Sequence[str] | None = None, root: str | os.PathLike = ".", prog: str | None = None) -> int:
     """Run (or with --plot-only, read) the ablation given by the command line ``argv``, print
     the summary and draw the figure; returns the exit code."""
     args = parser(root, prog).parse_args(argv)

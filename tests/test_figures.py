@@ -30,8 +30,12 @@ def _drawn_ticks(axis) -> list[Text]:
     """The tick labels ``axis`` draws: those of ticks inside its view interval."""
     lo, hi = sorted(axis.get_view_interval())
     pad = 1e-9 * max(abs(lo), abs(hi), 1.0)
-    return [label for tick in axis.get_major_ticks() + axis.get_minor_ticks()
-            if lo - pad <= tick.get_loc() <= hi + pad for label in (tick.label1, tick.label2)]
+    return [
+        label
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+        if lo - pad <= tick.get_loc() <= hi + pad
+        for label in (tick.label1, tick.label2)
+    ]
 
 
 def _texts(fig: plt.Figure) -> list[Text]:
@@ -59,8 +63,11 @@ def _panels(fig: plt.Figure) -> list[plt.Axes]:
 def code_names_in(text: str) -> list[str]:
     """The registry code names that ``text`` uses as words once every display name (and the
     names of rows that are not variants) is taken out of it."""
-    for name in sorted([lr.variant_class(v).display_name for v in lr.variants()]
-                       + list(plots.OTHER_NAMES.values()), key=len, reverse=True):
+    for name in sorted(
+        [lr.variant_class(v).display_name for v in lr.variants()] + list(plots.OTHER_NAMES.values()),
+        key=len,
+        reverse=True,
+    ):
         text = text.replace(name, " ")
     return [v for v in lr.variants() if re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", text)]
 
@@ -86,8 +93,11 @@ def _letter_problems(fig: plt.Figure, panels: list[plt.Axes]) -> list[str]:
     """A figure of several panels without one bold letter a, b, … per panel."""
     if len(panels) < 2:
         return []
-    letters = sorted(t.get_text() for t in _texts(fig) if re.fullmatch(r"[a-z]", t.get_text())
-                     and t.get_fontweight() in ("bold", 700))
+    letters = sorted(
+        t.get_text()
+        for t in _texts(fig)
+        if re.fullmatch(r"[a-z]", t.get_text()) and t.get_fontweight() in ("bold", 700)
+    )
     want = [chr(ord("a") + i) for i in range(len(panels))]
     return [] if letters == want else [f"panel letters {letters}, expected {want}"]
 
@@ -95,10 +105,15 @@ def _letter_problems(fig: plt.Figure, panels: list[plt.Axes]) -> list[str]:
 def _name_problems(fig: plt.Figure, panels: list[plt.Axes]) -> list[str]:
     """Legend entries and tick labels that name a variant by its code name."""
     legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
-    shown = [*(t.get_text() for leg in legends for t in leg.get_texts()),
-             *(t.get_text() for ax in panels for t in ax.get_yticklabels() + ax.get_xticklabels())]
-    return [f"{text!r} names a variant by its code name {code_names_in(text)}"
-            for text in shown if code_names_in(text)]
+    shown = [
+        *(t.get_text() for leg in legends for t in leg.get_texts()),
+        *(t.get_text() for ax in panels for t in ax.get_yticklabels() + ax.get_xticklabels()),
+    ]
+    return [
+        f"{text!r} names a variant by its code name {code_names_in(text)}"
+        for text in shown
+        if code_names_in(text)
+    ]
 
 
 def _overlap_problems(fig: plt.Figure) -> list[str]:
@@ -107,7 +122,7 @@ def _overlap_problems(fig: plt.Figure) -> list[str]:
     boxes = [(t, t.get_window_extent(renderer)) for t in _texts(fig)]
     out = []
     for i, (t, a) in enumerate(boxes):
-        for u, b in boxes[i + 1:]:
+        for u, b in boxes[i + 1 :]:
             if min(a.x1, b.x1) - max(a.x0, b.x0) > 0.5 and min(a.y1, b.y1) - max(a.y0, b.y0) > 0.5:
                 out.append(f"{t.get_text()!r} overlaps {u.get_text()!r}")
     return out
@@ -117,8 +132,12 @@ def problems(fig: plt.Figure) -> list[str]:
     """Everything a reviewer would send back about ``fig``, one line each (empty: accepted)."""
     fig.canvas.draw()
     panels = _panels(fig)
-    return [*_axis_problems(panels), *_letter_problems(fig, panels), *_name_problems(fig, panels),
-            *_overlap_problems(fig)]
+    return [
+        *_axis_problems(panels),
+        *_letter_problems(fig, panels),
+        *_name_problems(fig, panels),
+        *_overlap_problems(fig),
+    ]
 
 
 @pytest.fixture()
@@ -165,8 +184,12 @@ def test_every_study_figure_is_one_a_reviewer_accepts(name, keep, tmp_path, revi
     if name == "spectra":  # its learning-rate figure reads the sweep beside the table
         shutil.copy(RESULTS / "spectra_runs.csv", tmp_path / "spectra_runs.csv")
     extra = ["--table", str(tmp_path / "t.md")] if name == "downstream" else []
-    assert load_study(f"{name}.py").main(["--plot-only", "--out", str(csv), "--figure",
-                                          str(tmp_path / name), *extra]) == 0
+    assert (
+        load_study(f"{name}.py").main(
+            ["--plot-only", "--out", str(csv), "--figure", str(tmp_path / name), *extra]
+        )
+        == 0
+    )
     assert name in reviewed
     assert {k: v for k, v in reviewed.items() if v} == {}
 
@@ -176,15 +199,34 @@ def test_a_cluster_of_points_gets_labels_that_do_not_overlap(tmp_path, reviewed)
     8e4 parameters), some at another rank: every rank tag legible."""
     ds = load_study("downstream.py")
     rng = np.random.default_rng(0)
-    rows = [{"dataset": "movies", "variant": v, "rank": r, "seed": s,
-             "test_accuracy": 0.75 + 0.002 * i + 0.01 * rng.random(), "trainable_params": 74_000 + 500 * i,
-             "peak_mem_mb": 1900 + 5 * i}
-            for i, (v, r) in enumerate([(v, 8) for v in lr.variants() if v != "full"]
-                                       + [("loha", 4), ("lokr", 49), ("random_alignment", 16),
-                                          ("vera", 384)])
-            for s in range(2)]
-    rows += [{"dataset": "movies", "variant": "full", "rank": None, "seed": s, "test_accuracy": 0.8,
-              "trainable_params": 10_638_338, "peak_mem_mb": 1980} for s in range(2)]
+    rows = [
+        {
+            "dataset": "movies",
+            "variant": v,
+            "rank": r,
+            "seed": s,
+            "test_accuracy": 0.75 + 0.002 * i + 0.01 * rng.random(),
+            "trainable_params": 74_000 + 500 * i,
+            "peak_mem_mb": 1900 + 5 * i,
+        }
+        for i, (v, r) in enumerate(
+            [(v, 8) for v in lr.variants() if v != "full"]
+            + [("loha", 4), ("lokr", 49), ("random_alignment", 16), ("vera", 384)]
+        )
+        for s in range(2)
+    ]
+    rows += [
+        {
+            "dataset": "movies",
+            "variant": "full",
+            "rank": None,
+            "seed": s,
+            "test_accuracy": 0.8,
+            "trainable_params": 10_638_338,
+            "peak_mem_mb": 1980,
+        }
+        for s in range(2)
+    ]
     ds.figure(pd.DataFrame(rows), tmp_path / "crowd")
     assert reviewed == {"crowd": []}
 
@@ -226,16 +268,22 @@ def test_a_variant_needs_a_display_name_of_its_own(monkeypatch):
     class Unnamed(lr.variant_class("lora")):  # inherits LoRA's display name, sets none itself
         name = "unnamed_for_test"
 
-    with pytest.raises(ValueError, match=r"^variant 'unnamed_for_test' \(.*Unnamed\) has no "
-                                         r"display_name of its own; set the class attribute"):
+    with pytest.raises(
+        ValueError,
+        match=r"^variant 'unnamed_for_test' \(.*Unnamed\) has no "
+        r"display_name of its own; set the class attribute",
+    ):
         lr.register(Unnamed)
 
     class Twin(lr.variant_class("lora")):
         name = "twin_for_test"
         display_name = "DoRA"
 
-    with pytest.raises(ValueError, match=r"^variant 'twin_for_test' has display_name 'DoRA', which "
-                                         r"variant 'dora' already uses; give it a display_name"):
+    with pytest.raises(
+        ValueError,
+        match=r"^variant 'twin_for_test' has display_name 'DoRA', which "
+        r"variant 'dora' already uses; give it a display_name",
+    ):
         lr.register(Twin)
     assert "unnamed_for_test" not in lr.variants() and "twin_for_test" not in lr.variants()
 
@@ -256,5 +304,7 @@ def test_an_out_that_is_not_a_csv_is_one_sentence(name, tmp_path, capsys):
         load_study(f"{name}.py").main(["--plot-only", "--out", str(png)])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"error: --out {png} is not a .csv file: --out is the results CSV (e.g. results/{name}.csv), " \
-           "and the figure's path goes to --figure, without an extension" in err
+    assert (
+        f"error: --out {png} is not a .csv file: --out is the results CSV (e.g. results/{name}.csv), "
+        "and the figure's path goes to --figure, without an extension" in err
+    )
