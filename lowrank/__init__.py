@@ -1,7 +1,7 @@
 """lowrank: LoRA and the other low-rank adaptation methods, compared on one footing.
 
 >>> import lowrank as lr
->>> ad = lr.make("lora", torch.nn.Linear(64, 32), rank=4)   # doctest: +SKIP
+>>> ad = lr.make("lora", torch.nn.Linear(64, 32), rank=4)  # doctest: +SKIP
 """
 
 from . import analysis, io, linalg, tasks

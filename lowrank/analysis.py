@@ -147,8 +147,9 @@ def spectrum_summary(dW: Tensor, k: int = 8) -> dict[str, float]:
     }
 
 
-def weight_report(model: nn.Module, top: int = 64, intruder_k: int = 10,
-                  intruder_eps: float = 0.5) -> dict[str, dict[str, Any]]:
+def weight_report(
+    model: nn.Module, top: int = 64, intruder_k: int = 10, intruder_eps: float = 0.5
+) -> dict[str, dict[str, Any]]:
     """Per adapted layer of ``model``: the spectrum of ΔW = ``delta_weight()`` (its ``top``
     largest singular values, effective and stable rank, rank for 90 % energy, the share of
     ‖ΔW‖²_F in the adapter's rank r), ‖ΔW‖_F, ‖W₀‖_F, DoRA's ΔM and ΔD of W₀ + ΔW against W₀,

@@ -45,8 +45,9 @@ def learning_rate(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{text} is not a learning rate; pass a positive number "
-                                         "such as 1e-3")
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a learning rate; pass a positive number such as 1e-3"
+        )
     return value
 
 
@@ -76,8 +77,7 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; pass one such as "
-                                         "'{\"key\": 1}'")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; pass one such as '{{\"key\": 1}}'")
     return value
 
 
@@ -89,8 +89,9 @@ def auto_grid(spec: RunSpec) -> list[float]:
     centred on its task's ``lr_centre`` × its variant's ``lr_scale`` (e.g. text, full
     fine-tuning: 1e-2 × 0.03 → 9.5e-5, 3e-4, 9.5e-4), by :func:`lowrank.sweep.log_grid`; the
     search steps past an edge from there (``--lr-extend``) until the best rate is interior."""
-    return log_grid(tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale,
-                    points=AUTO_POINTS)
+    return log_grid(
+        tasks.task_class(spec.task).lr_centre * variant_class(spec.variant).lr_scale, points=AUTO_POINTS
+    )
 
 
 def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[RunSpec], list[float]]:
@@ -101,25 +102,43 @@ def search_grid(lr_grid: Sequence[float] | str) -> Sequence[float] | Callable[[R
 
 # The options add_common adds: name → add_argument keywords (a study may give its own help).
 COMMON: dict[str, dict[str, Any]] = {
-    "variants": {"nargs": "+", "type": variant, "metavar": "VARIANT",
-                 "help": "variants to compare, from {variants}"},
+    "variants": {
+        "nargs": "+",
+        "type": variant,
+        "metavar": "VARIANT",
+        "help": "variants to compare, from {variants}",
+    },
     "ranks": {"nargs": "+", "type": positive_int, "metavar": "R", "help": "ranks r"},
     "seeds": {"type": positive_int, "help": "number of seeds (0 … n−1)"},
-    "lr_grid": {"nargs": "+", "type": grid_rate, "metavar": "LR", "default": AUTO,
-                "help": "learning rates searched per variant and rank on the dev split at seed 0 "
-                        "(the best is reused for the other seeds)"},
-    "lr_extend": {"type": count, "default": 3, "metavar": "N",
-                  "help": "when a search's best dev score is at an edge of the rates it tried, try "
-                          "one more rate a grid step past that edge and search again, at most "
-                          "N times (0: the grid alone)"},
+    "lr_grid": {
+        "nargs": "+",
+        "type": grid_rate,
+        "metavar": "LR",
+        "default": AUTO,
+        "help": "learning rates searched per variant and rank on the dev split at seed 0 "
+        "(the best is reused for the other seeds)",
+    },
+    "lr_extend": {
+        "type": count,
+        "default": 3,
+        "metavar": "N",
+        "help": "when a search's best dev score is at an edge of the rates it tried, try "
+        "one more rate a grid step past that edge and search again, at most "
+        "N times (0: the grid alone)",
+    },
     "steps": {"type": positive_int, "help": "optimiser steps per run"},
     "batch_size": {"type": positive_int, "help": "training batch size"},
     "workers": {"type": positive_int, "default": 2, "help": "parallel processes"},
     "threads": {"type": positive_int, "default": 1, "help": "torch threads of this process"},
-    "executor": {"choices": ["local", "dask", "submitit"], "default": "local",
-                 "help": "local process pool, a dask.distributed cluster, or SLURM via submitit"},
-    "scheduler": {"default": None,
-                  "help": "dask scheduler address (--executor dask; default: a private local "
-                          "cluster), or submitit cluster 'slurm' or 'local' (default: SLURM if "
-                          "present)"},
+    "executor": {
+        "choices": ["local", "dask", "submitit"],
+        "default": "local",
+        "help": "local process pool, a dask.distributed cluster, or SLURM via submitit",
+    },
+    "scheduler": {
+        "default": None,
+        "help": "dask scheduler address (--executor dask; default: a private local "
+        "cluster), or submitit cluster 'slurm' or 'local' (default: SLURM if "
+        "present)",
+    },
 }

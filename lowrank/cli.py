@@ -95,46 +95,70 @@ def write_csv_atomic(rows: list[dict[str, Any]], out: Path, force: bool) -> None
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lowrank`` command."""
     p = argparse.ArgumentParser(
-        prog="lowrank", description="LoRA and the other low-rank adaptation methods: studies, "
+        prog="lowrank",
+        description="LoRA and the other low-rank adaptation methods: studies, "
         "figures and inspection of saved adapters.",
-        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           help="what to do; `lowrank COMMAND --help` lists its options")
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error.",
+    )
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="what to do; `lowrank COMMAND --help` lists its options",
+    )
     sub.add_parser(
-        "ablate", add_help=False, help="run the rank ablation",
+        "ablate",
+        add_help=False,
+        help="run the rank ablation",
         description="Run the rank ablation (lowrank.ablation, as studies/rank_ablation.py does) "
         "with the remaining arguments: every variant across ranks and seeds at its dev-tuned "
         "learning rate, written to a resumable CSV and a figure under the current directory. "
-        "`lowrank ablate --help` shows its own options (--quick, --out, --figure, --plot-only ...).")
+        "`lowrank ablate --help` shows its own options (--quick, --out, --figure, --plot-only ...).",
+    )
     pp = sub.add_parser(
-        "plot", help="redraw the rank-ablation figure from a results CSV",
+        "plot",
+        help="redraw the rank-ablation figure from a results CSV",
         description="Redraw the rank-ablation figure (PDF and PNG) from a results CSV of `lowrank "
-        "ablate` at each variant and rank's dev-chosen learning rate, training nothing.")
+        "ablate` at each variant and rank's dev-chosen learning rate, training nothing.",
+    )
     pp.add_argument("csv", type=Path, metavar="CSV", help="results CSV of a rank ablation")
-    pp.add_argument("--figure", type=Path, default=None, metavar="STEM",
-                    help="figure path without extension (default: the CSV's path without .csv)")
+    pp.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        metavar="STEM",
+        help="figure path without extension (default: the CSV's path without .csv)",
+    )
     pi = sub.add_parser(
-        "inspect", help="summarise a saved adapter directory",
+        "inspect",
+        help="summarise a saved adapter directory",
         description="Summarise an adapter directory written by lr.save_adapters or by PEFT's "
         "save_pretrained (read as lr.from_peft reads it), without the model: format and version, "
         "and per layer the variant, shape, rank, trainable parameter count (from the tensors) "
         "and the spectrum of ΔW (Frobenius norm, effective rank, stable rank, rank for 90% "
         "energy) where the saved tensors determine it (a note says why where ΔW needs the base "
-        "weight, which the file does not hold).")
-    pi.add_argument("path", type=Path, metavar="PATH",
-                    help="adapter directory (lowrank's or PEFT's)")
+        "weight, which the file does not hold).",
+    )
+    pi.add_argument("path", type=Path, metavar="PATH", help="adapter directory (lowrank's or PEFT's)")
     pi.add_argument("--json", action="store_true", help="machine-readable JSON output")
     pr = sub.add_parser(
-        "reconstruct", help="low-rank reconstruction error of every matrix in a safetensors file",
+        "reconstruct",
+        help="low-rank reconstruction error of every matrix in a safetensors file",
         description="For every 2-D tensor of a safetensors file, the relative Frobenius error "
         "‖W − W_r‖_F / ‖W‖_F of its best rank-r approximation W_r (Eckart–Young); the other "
         "tensors (not 2-D, or not floating-point) are listed as skipped on stderr. Only "
-        "safetensors is read: nothing is unpickled.")
+        "safetensors is read: nothing is unpickled.",
+    )
     pr.add_argument("weights", type=Path, metavar="WEIGHTS", help="a .safetensors file")
-    pr.add_argument("--ranks", type=study.positive_int, nargs="+", required=True, metavar="R",
-                    help="ranks r to evaluate")
-    pr.add_argument("--out", type=Path, default=None,
-                    help="write a tidy CSV here (atomically) instead of printing a table")
+    pr.add_argument(
+        "--ranks", type=study.positive_int, nargs="+", required=True, metavar="R", help="ranks r to evaluate"
+    )
+    pr.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write a tidy CSV here (atomically) instead of printing a table",
+    )
     pr.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return p
 
@@ -153,11 +177,16 @@ def _reconstruct(args: argparse.Namespace) -> None:
         refuse_existing(args.out, args.force)  # before the SVDs, not after
     tensors, skipped = matrices(args.weights)
     if not tensors:
-        raise CLIError(f"{args.weights} holds no 2-D floating-point tensor to reconstruct; "
-                       f"it has {skipped_summary(skipped)}")
+        raise CLIError(
+            f"{args.weights} holds no 2-D floating-point tensor to reconstruct; "
+            f"it has {skipped_summary(skipped)}"
+        )
     if skipped:
-        print(f"lowrank: skipped {len(skipped)} tensors that are not 2-D floating-point matrices: "
-              f"{skipped_summary(skipped)}", file=sys.stderr)
+        print(
+            f"lowrank: skipped {len(skipped)} tensors that are not 2-D floating-point matrices: "
+            f"{skipped_summary(skipped)}",
+            file=sys.stderr,
+        )
     rows = reconstruction_errors(tensors, args.ranks)
     if args.out is None:
         print(format_reconstruction(rows, args.ranks))
@@ -167,7 +196,10 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "plot": _plot, "inspect": _inspect, "reconstruct": _reconstruct}
+    "plot": _plot,
+    "inspect": _inspect,
+    "reconstruct": _reconstruct,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Atomic writes: a file or directory appears complete at its path, or not at all.
 
->>> with atomic_path("results/r.csv") as tmp:     # doctest: +SKIP
+>>> with atomic_path("results/r.csv") as tmp:  # doctest: +SKIP
 ...     df.to_csv(tmp, index=False)
 
 The block writes to ``tmp`` (same name as the target, inside a private temporary directory next

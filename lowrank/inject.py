@@ -75,8 +75,9 @@ def _output_layer(model: nn.Module) -> list[str]:
     return [] if out is None else [n for n, m in _named_modules(model).items() if m is out]
 
 
-def find_targets(model: nn.Module, targets: str | Iterable[str],
-                 modules_to_save: Iterable[str] = ()) -> list[str]:
+def find_targets(
+    model: nn.Module, targets: str | Iterable[str], modules_to_save: Iterable[str] = ()
+) -> list[str]:
     """Qualified names of the Linear modules that ``targets`` selects (see the module docstring),
     leaving out ``modules_to_save`` and everything inside them."""
     if isinstance(targets, str):
@@ -90,15 +91,20 @@ def find_targets(model: nn.Module, targets: str | Iterable[str],
     free = {n for n in linear if not any(n == s or n.startswith(s + ".") for s in saved)}
     if targets == ["all-linear"]:
         if not linear:
-            raise ValueError("'all-linear' selects no module: the model has no nn.Linear modules "
-                             "(lowrank adapts nn.Linear only, not e.g. GPT-2's Conv1D)")
+            raise ValueError(
+                "'all-linear' selects no module: the model has no nn.Linear modules "
+                "(lowrank adapts nn.Linear only, not e.g. GPT-2's Conv1D)"
+            )
         left_out = _output_layer(model)
         chosen = [n for n in linear if n in free and n not in left_out]
         if not chosen:
             why = ([f"the model's output layer ({', '.join(left_out)})"] if left_out else []) + (
-                [f"inside modules_to_save ({', '.join(saved)})"] if saved else [])
-            raise ValueError(f"'all-linear' selects no module: its nn.Linear modules are "
-                             f"{' or '.join(why)}, which it leaves out; name the targets explicitly")
+                [f"inside modules_to_save ({', '.join(saved)})"] if saved else []
+            )
+            raise ValueError(
+                f"'all-linear' selects no module: its nn.Linear modules are "
+                f"{' or '.join(why)}, which it leaves out; name the targets explicitly"
+            )
         return chosen
     chosen = []
     for pattern in targets:
@@ -115,7 +121,8 @@ def find_targets(model: nn.Module, targets: str | Iterable[str],
         if free.isdisjoint(lin):
             raise ValueError(
                 f"target {pattern!r} matches only modules inside modules_to_save ({', '.join(lin)}), "
-                "which train whole and take no adapter; drop it from targets or from modules_to_save")
+                "which train whole and take no adapter; drop it from targets or from modules_to_save"
+            )
         chosen += [n for n in lin if n in free and n not in chosen]
     return chosen
 
@@ -218,8 +225,9 @@ def strip(model: nn.Module) -> nn.Module:
         if id(ad) not in plain:
             w = ad.merged_weight().detach() if not ad.merged else ad.base.weight.detach()
             b = ad.base.bias
-            lin = nn.Linear(ad.in_features, ad.out_features, bias=b is not None,
-                            device=w.device, dtype=w.dtype)
+            lin = nn.Linear(
+                ad.in_features, ad.out_features, bias=b is not None, device=w.device, dtype=w.dtype
+            )
             lin.weight.copy_(w)
             if b is not None:
                 lin.bias.copy_(b)

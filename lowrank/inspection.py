@@ -35,9 +35,11 @@ def read_any_adapter_dir(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]
         return read_adapter_dir(path)
     if (path / PEFT_TENSORS).is_file():
         return read_peft_dir(path)
-    raise InspectionError(f"{path} is not an adapter directory: it holds neither {CONFIG} and {TENSORS} "
-                   f"(lr.save_adapters) nor {PEFT_CONFIG} and {PEFT_TENSORS} (PEFT's "
-                   "save_pretrained); pass such a directory")
+    raise InspectionError(
+        f"{path} is not an adapter directory: it holds neither {CONFIG} and {TENSORS} "
+        f"(lr.save_adapters) nor {PEFT_CONFIG} and {PEFT_TENSORS} (PEFT's "
+        "save_pretrained); pass such a directory"
+    )
 
 
 def inspect_adapter(path: str | os.PathLike, k: int = 8) -> dict[str, Any]:
@@ -47,8 +49,7 @@ def inspect_adapter(path: str | os.PathLike, k: int = 8) -> dict[str, Any]:
     config, tensors = read_any_adapter_dir(Path(path))
     layers = [_inspect_layer(name, spec, tensors, k) for name, spec in config["layers"].items()]
     saved = config.get("modules_to_save", [])
-    saved_params = sum(v.numel() for key, v in tensors.items()
-                       if key.split("::")[0] in saved)
+    saved_params = sum(v.numel() for key, v in tensors.items() if key.split("::")[0] in saved)
     return {
         "path": str(path),
         "format": config["format"],
@@ -62,8 +63,7 @@ def inspect_adapter(path: str | os.PathLike, k: int = 8) -> dict[str, Any]:
     }
 
 
-def _inspect_layer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor], k: int
-                   ) -> dict[str, Any]:
+def _inspect_layer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor], k: int) -> dict[str, Any]:
     """One layer of :func:`inspect_adapter`, from what its variant's class says: the adapter
     rebuilt on a stand-in of the saved shape tells its rank and which saved tensors train, and
     ΔW comes from the saved tensors wherever they determine it."""
@@ -75,19 +75,30 @@ def _inspect_layer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor], 
         rank, trained = ad.rank, ad.trainable_keys()
         dW = ad.loaded_delta(mine)  # the same stand-in: one construction (one SVD for pissa)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise InspectionError(f"layer {name!r} does not rebuild as a {spec['variant']!r} adapter with the "
-                       f"file's options {options} ({e}); inspect it with the lowrank that saved it"
-                       ) from e
-    return {"name": name, "variant": cls.name, "out_features": shape[0], "in_features": shape[1],
-            "rank": rank,
-            "trainable_params": sum(mine[key].numel() for key in trained if key in mine),
-            "delta": None if dW is None else analysis.spectrum_summary(dW, k),
-            "note": cls.delta_needs_w0}
+        raise InspectionError(
+            f"layer {name!r} does not rebuild as a {spec['variant']!r} adapter with the "
+            f"file's options {options} ({e}); inspect it with the lowrank that saved it"
+        ) from e
+    return {
+        "name": name,
+        "variant": cls.name,
+        "out_features": shape[0],
+        "in_features": shape[1],
+        "rank": rank,
+        "trainable_params": sum(mine[key].numel() for key in trained if key in mine),
+        "delta": None if dW is None else analysis.spectrum_summary(dW, k),
+        "note": cls.delta_needs_w0,
+    }
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [["—" if v is None else v if isinstance(v, str) else
-                         f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    cells = [header] + [
+        [
+            "—" if v is None else v if isinstance(v, str) else f"{v:.4g}" if isinstance(v, float) else str(v)
+            for v in r
+        ]
+        for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -97,23 +108,40 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def format_inspection(info: dict[str, Any]) -> str:
     """The summary of :func:`inspect_adapter` as a readable table."""
     version = "" if info["format_version"] is None else f" v{info['format_version']}"
-    head = (f"{info['path']}: {info['format']} format{version}, written by {info['writer']}; "
-            f"{len(info['layers'])} adapted layers, {info['trainable_params']} trainable parameters")
+    head = (
+        f"{info['path']}: {info['format']} format{version}, written by {info['writer']}; "
+        f"{len(info['layers'])} adapted layers, {info['trainable_params']} trainable parameters"
+    )
     rows = []
     notes = []
     for r in info["layers"]:
         d = r["delta"] or {}
-        rows.append([r["name"], r["variant"], f"{r['out_features']}x{r['in_features']}", r["rank"],
-                     r["trainable_params"], d.get("fro_norm"), d.get("effective_rank"),
-                     d.get("stable_rank"), d.get("rank90")])
+        rows.append(
+            [
+                r["name"],
+                r["variant"],
+                f"{r['out_features']}x{r['in_features']}",
+                r["rank"],
+                r["trainable_params"],
+                d.get("fro_norm"),
+                d.get("effective_rank"),
+                d.get("stable_rank"),
+                d.get("rank90"),
+            ]
+        )
         if r["note"]:
             notes.append(f"{r['name']}: {r['note']}")
-    table = _table(["layer", "variant", "shape", "rank", "trainable", "‖ΔW‖_F", "eff. rank",
-                    "stable rank", "rank90"], rows)
+    table = _table(
+        ["layer", "variant", "shape", "rank", "trainable", "‖ΔW‖_F", "eff. rank", "stable rank", "rank90"],
+        rows,
+    )
     out = [head, "", table]
     if info["modules_to_save"]:
-        out += ["", f"modules_to_save: {', '.join(info['modules_to_save'])} "
-                    f"({info['modules_to_save_params']} parameters, trained fully)"]
+        out += [
+            "",
+            f"modules_to_save: {', '.join(info['modules_to_save'])} "
+            f"({info['modules_to_save_params']} parameters, trained fully)",
+        ]
     if notes:
         out += ["", "ΔW not shown (—):", *notes]
     return "\n".join(out)
@@ -145,8 +173,10 @@ def skipped_summary(skipped: Mapping[str, str], shown: int = 5) -> str:
     by_why: dict[str, list[str]] = {}
     for name, why in skipped.items():
         by_why.setdefault(why, []).append(name)
-    return "; ".join(", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown
-                                                 else "") + f" ({why})" for why, names in by_why.items())
+    return "; ".join(
+        ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "") + f" ({why})"
+        for why, names in by_why.items()
+    )
 
 
 def reconstruction_errors(tensors: Mapping[str, Tensor], ranks: Sequence[int]) -> list[dict[str, Any]]:
@@ -159,8 +189,15 @@ def reconstruction_errors(tensors: Mapping[str, Tensor], ranks: Sequence[int]) -
         total = float(s2.sum())
         for r in ranks:
             err = 0.0 if total == 0 else math.sqrt(float(s2[r:].sum()) / total)
-            rows.append({"tensor": name, "out_features": W.shape[0], "in_features": W.shape[1],
-                         "rank": r, "relative_error": err})
+            rows.append(
+                {
+                    "tensor": name,
+                    "out_features": W.shape[0],
+                    "in_features": W.shape[1],
+                    "rank": r,
+                    "relative_error": err,
+                }
+            )
     return rows
 
 
@@ -171,5 +208,6 @@ def format_reconstruction(rows: list[dict[str, Any]], ranks: Sequence[int]) -> s
         t = by_tensor.setdefault(r["tensor"], {"shape": f"{r['out_features']}x{r['in_features']}"})
         t[r["rank"]] = r["relative_error"]
     table = [[name, t["shape"], *(t[r] for r in ranks)] for name, t in by_tensor.items()]
-    return ("relative Frobenius error of the best rank-r approximation\n"
-            + _table(["tensor", "shape", *(f"r={r}" for r in ranks)], table))
+    return "relative Frobenius error of the best rank-r approximation\n" + _table(
+        ["tensor", "shape", *(f"r={r}" for r in ranks)], table
+    )

@@ -176,9 +176,7 @@ def fit_uv(
         U, V = U - 2 * lr * (R @ V + lam * U), V - 2 * lr * (R.mT @ U + lam * V)
         losses.append(float(frobenius_objective(W, U, V, lam)))
         if not torch.isfinite(torch.tensor(losses[-1])):
-            raise FloatingPointError(
-                f"fit_uv diverged (loss={losses[-1]}) with lr={lr:g}; use a smaller lr"
-            )
+            raise FloatingPointError(f"fit_uv diverged (loss={losses[-1]}) with lr={lr:g}; use a smaller lr")
         if tol > 0 and abs(losses[-2] - losses[-1]) <= tol * abs(losses[-1]):
             break
     return FitResult(U, V, losses)

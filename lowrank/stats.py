@@ -43,9 +43,14 @@ def _scores(x: np.ndarray | list, name: str) -> np.ndarray:
     return a
 
 
-def paired_bootstrap(a: np.ndarray | list, b: np.ndarray | list, n_boot: int = 10_000,
-                     level: float = 0.95, seed: int = 0, shared_examples: bool = True
-                     ) -> Comparison:
+def paired_bootstrap(
+    a: np.ndarray | list,
+    b: np.ndarray | list,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+    shared_examples: bool = True,
+) -> Comparison:
     """Mean over seeds and examples of a − b, with a paired bootstrap interval and p-value.
 
     Parameters
@@ -74,8 +79,10 @@ def paired_bootstrap(a: np.ndarray | list, b: np.ndarray | list, n_boot: int = 1
     """
     a, b = _scores(a, "a"), _scores(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"a has shape {a.shape} but b {b.shape}; the scores must be paired "
-                         "(same seeds, same examples, same order)")
+        raise ValueError(
+            f"a has shape {a.shape} but b {b.shape}; the scores must be paired "
+            "(same seeds, same examples, same order)"
+        )
     if not (isinstance(n_boot, int) and n_boot >= 100):
         raise ValueError(f"n_boot={n_boot!r}; pass an integer of at least 100 replicates")
     if not 0 < level < 1:
@@ -89,14 +96,21 @@ def paired_bootstrap(a: np.ndarray | list, b: np.ndarray | list, n_boot: int = 1
         k = min(chunk, n_boot - start)
         shape = (k, 1, n) if shared_examples else (k, seeds, n)
         idx = rng.integers(0, n, size=shape)
-        reps[start:start + k] = np.take_along_axis(d[None], np.broadcast_to(idx, (k, seeds, n)),
-                                                   axis=2).mean(axis=(1, 2))
+        reps[start : start + k] = np.take_along_axis(
+            d[None], np.broadcast_to(idx, (k, seeds, n)), axis=2
+        ).mean(axis=(1, 2))
     diff = float(d.mean())
     tail = (1 - level) / 2
     low, high = np.quantile(reps, [tail, 1 - tail])
     extreme = int(np.count_nonzero(np.abs(reps - diff) >= abs(diff)))
-    return Comparison(diff=diff, low=float(low), high=float(high),
-                      p=(1 + extreme) / (1 + n_boot), level=level, n_boot=n_boot)
+    return Comparison(
+        diff=diff,
+        low=float(low),
+        high=float(high),
+        p=(1 + extreme) / (1 + n_boot),
+        level=level,
+        n_boot=n_boot,
+    )
 
 
 def holm(pvalues: np.ndarray | list) -> np.ndarray:

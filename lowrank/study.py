@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import plots
+from . import sensitivity
 from .adapters import OptionError, variant_class, variants
 from .arguments import (  # noqa: F401
     AUTO,
@@ -73,12 +73,20 @@ class StudyParser(argparse.ArgumentParser):
     (``{"quick": (help, {option: value})}``): each is a flag that changes the defaults
     ``defaults`` (values given explicitly still win) and the name of the outputs."""
 
-    def __init__(self, name: str, doc: str, root: str | os.PathLike, *,
-                 presets: dict[str, tuple[str, dict[str, Any]]], defaults: dict[str, Any] | None = None,
-                 prog: str | None = None, epilog: str | None = None, out: str = "results CSV",
-                 plot_only: str = "redraw the figure from the CSV, training nothing") -> None:
-        super().__init__(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
-                         formatter_class=_Help)
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        root: str | os.PathLike,
+        *,
+        presets: dict[str, tuple[str, dict[str, Any]]],
+        defaults: dict[str, Any] | None = None,
+        prog: str | None = None,
+        epilog: str | None = None,
+        out: str = "results CSV",
+        plot_only: str = "redraw the figure from the CSV, training nothing",
+    ) -> None:
+        super().__init__(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, formatter_class=_Help)
         self.name, self.root, self.presets = name, Path(root), presets
         self.script: Path | None = None  # the study script, for the fingerprint of its own rows
         self.results = self.root / RESULTS
@@ -86,22 +94,30 @@ class StudyParser(argparse.ArgumentParser):
         outputs = self.add_argument_group("outputs and presets")
 
         def default(folder: str, ext: str) -> str:
-            return "default " + "; ".join([f"{folder}/{name}{ext}",
-                                           *(f"{folder}/{name}_{k}{ext} with --{k}" for k in presets)])
+            return "default " + "; ".join(
+                [f"{folder}/{name}{ext}", *(f"{folder}/{name}_{k}{ext} with --{k}" for k in presets)]
+            )
 
         outputs.add_argument("--out", type=Path, help=f"{out} ({default(RESULTS, '.csv')})")
-        outputs.add_argument("--figure", type=Path,
-                             help=f"figure path without extension ({default(FIGURES, '')})")
+        outputs.add_argument(
+            "--figure", type=Path, help=f"figure path without extension ({default(FIGURES, '')})"
+        )
         modes = outputs.add_mutually_exclusive_group() if len(presets) > 1 else outputs
         for key, (text, values) in presets.items():
             changes = ", ".join(_setting(k, v) for k, v in values.items() if self.defaults.get(k) != v)
-            modes.add_argument(f"--{key}", action="store_true",
-                               help=(f"{text}: {changes}" if changes else text).replace("%", "%%"))
+            modes.add_argument(
+                f"--{key}",
+                action="store_true",
+                help=(f"{text}: {changes}" if changes else text).replace("%", "%%"),
+            )
         outputs.add_argument("--plot-only", action="store_true", help=plot_only)
-        outputs.add_argument("--fresh", action="store_true",
-                             help="run everything again, even runs the CSV holds from this very "
-                                  "code (without it, those are reused and rows of other code are "
-                                  "re-run); the old CSV is kept as <name>.previous.csv")
+        outputs.add_argument(
+            "--fresh",
+            action="store_true",
+            help="run everything again, even runs the CSV holds from this very "
+            "code (without it, those are reused and rows of other code are "
+            "re-run); the old CSV is kept as <name>.previous.csv",
+        )
         outputs.add_argument("--quiet", action="store_true", help="no progress output")
 
     def add_common(self, *names: str, **helps: str) -> None:
@@ -113,13 +129,16 @@ class StudyParser(argparse.ArgumentParser):
             for key in brings.get(name, (name,)):
                 help = helps.get(key) or COMMON[key]["help"].format(variants=", ".join(variants()))
                 if key == "lr_grid":
-                    help += ("; or auto: for each variant three rates half a decade apart around "
-                             "the task's lr_centre × the variant's lr_scale, extended by --lr-extend")
+                    help += (
+                        "; or auto: for each variant three rates half a decade apart around "
+                        "the task's lr_centre × the variant's lr_scale, extended by --lr-extend"
+                    )
                 kw = {**COMMON[key], "help": help}
                 self.add_argument(f"--{key.replace('_', '-')}", **kw)
 
-    def parse_known_args(self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None):
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ):
         argv = list(sys.argv[1:] if args is None else args)
         flags = argparse.ArgumentParser(add_help=False)  # which preset sets the defaults
         for key in self.presets:
@@ -130,10 +149,18 @@ class StudyParser(argparse.ArgumentParser):
         grid = getattr(ns, "lr_grid", None)
         if isinstance(grid, list) and AUTO in grid:
             if len(grid) > 1:
-                self.error(f"--lr-grid {' '.join(map(str, grid))}: auto stands alone; pass either "
-                           "auto or learning rates")
+                self.error(
+                    f"--lr-grid {' '.join(map(str, grid))}: auto stands alone; pass either "
+                    "auto or learning rates"
+                )
             ns.lr_grid = AUTO
         ns.run_name = "_".join([self.name, *(k for k in self.presets if getattr(ns, k))])
+        if ns.out is not None and ns.out.suffix.lower() != ".csv":
+            self.error(
+                f"--out {ns.out} is not a .csv file: --out is the results CSV (e.g. "
+                f"results/{ns.run_name}.csv), and the figure's path goes to --figure, "
+                "without an extension"
+            )
         ns.out = ns.out or self.results / f"{ns.run_name}.csv"
         ns.figure = ns.figure or self.root / FIGURES / ns.run_name
         ns.script, ns.resumes = self.script, [ns.out]  # a study adds the other CSVs it resumes
@@ -156,13 +183,13 @@ def grid(names: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int | No
     return [(v, r) for v in names for r in (ranks if variant_class(v).takes_rank else [None])]
 
 
-def search_specs(task_name: str, names: Sequence[str], ranks: Sequence[int], train: dict[str, Any],
-                 **fields: Any) -> list[RunSpec]:
+def search_specs(
+    task_name: str, names: Sequence[str], ranks: Sequence[int], train: dict[str, Any], **fields: Any
+) -> list[RunSpec]:
     """The seed-0 runs a tuned sweep searches on the task ``task_name``: one per (variant, rank) of
     :func:`grid`, each training with ``train`` and the other :class:`RunSpec` ``fields``
     (task_options, variant_options, measure); the sweep sets each learning rate."""
-    return [RunSpec(task_name, v, r, seed=0, lr=0.0, train=train, **fields)
-            for v, r in grid(names, ranks)]
+    return [RunSpec(task_name, v, r, seed=0, lr=0.0, train=train, **fields) for v, r in grid(names, ranks)]
 
 
 def rank_free(names: Iterable[str]) -> set[str]:
@@ -174,20 +201,35 @@ def rank_free(names: Iterable[str]) -> set[str]:
 def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
     """How the command line's sweep runs: --lr-extend, --workers, --executor, --scheduler, and a
     progress bar unless --quiet (the keywords of :func:`lowrank.sweep.tuned_sweep`)."""
-    return {"extend": args.lr_extend, "workers": args.workers, "progress": not args.quiet,
-            "executor": getattr(args, "executor", "local"), "scheduler": getattr(args, "scheduler", None)}
+    return {
+        "extend": args.lr_extend,
+        "workers": args.workers,
+        "progress": not args.quiet,
+        "executor": getattr(args, "executor", "local"),
+        "scheduler": getattr(args, "scheduler", None),
+    }
 
 
-def tuned(args: argparse.Namespace, specs: Sequence[RunSpec], out: str | os.PathLike | None = None,
-          grid: Callable[[RunSpec], list[float]] | None = None) -> pd.DataFrame:
+def tuned(
+    args: argparse.Namespace,
+    specs: Sequence[RunSpec],
+    out: str | os.PathLike | None = None,
+    grid: Callable[[RunSpec], list[float]] | None = None,
+) -> pd.DataFrame:
     """:func:`lowrank.sweep.tuned_sweep` of ``specs`` into ``out`` (default --out) with the command
     line's rates (--lr-grid, or ``grid``), seeds 0 … --seeds−1 and :func:`sweep_options`."""
-    return tuned_sweep(specs, grid or search_grid(args.lr_grid), list(range(args.seeds)),
-                       args.out if out is None else out, **sweep_options(args))
+    return tuned_sweep(
+        specs,
+        grid or search_grid(args.lr_grid),
+        list(range(args.seeds)),
+        args.out if out is None else out,
+        **sweep_options(args),
+    )
 
 
-def results(args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY,
-            tuned: bool = False) -> pd.DataFrame | None:
+def results(
+    args: argparse.Namespace, run: Callable[[], pd.DataFrame], key: str | None = KEY, tuned: bool = False
+) -> pd.DataFrame | None:
     """The rows a study reports: ``run()``, or with --plot-only the CSV at --out (with ``tuned``,
     its rows at each search group's dev-chosen learning rate); None, after saying why on stderr
     in one sentence, when a variant option is unknown (the sweep checks them before any run) or
@@ -226,15 +268,23 @@ def set_aside(paths: Iterable[str | os.PathLike]) -> None:
             print(f"--fresh: moved {path} to {kept}", file=sys.stderr)
 
 
-def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd.DataFrame | None, *,
-           report: Callable[[pd.DataFrame], object] | None = None, write: bool = False,
-           table: str | None = None, lr_search: pd.DataFrame | None = None,
-           lr_panels: dict[str, str] | None = None, **options: Any) -> int:
+def finish(
+    args: argparse.Namespace,
+    figure: Callable[..., list[Path]],
+    rows: pd.DataFrame | None,
+    *,
+    report: Callable[[pd.DataFrame], object] | None = None,
+    write: bool = False,
+    table: str | None = None,
+    lr_search: pd.DataFrame | None = None,
+    lr_panels: dict[str, str] | None = None,
+    **options: Any,
+) -> int:
     """A study's last step: ``report(rows)`` (its printed summary), ``rows`` written to --out
     (with ``write``; atomically) and the markdown ``table`` to ``args.table``, the figure
     ``figure(rows, --figure, **options)``; for a tuned study, from ``lr_search`` (its whole
     results table, every rate tried) the learning-rate sensitivity figure ``<--figure>_lr``
-    (:func:`lowrank.plots.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
+    (:func:`lowrank.sensitivity.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
     and the ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory
     printed. Returns the exit code: 0, or 1 without ``rows`` (:func:`results` has said why)."""
     if rows is None:
@@ -250,13 +300,17 @@ def finish(args: argparse.Namespace, figure: Callable[..., list[Path]], rows: pd
     if lr_search is not None and lr_search.empty:
         print("note: no learning-rate search in the results to draw", file=sys.stderr)
     elif lr_search is not None:
-        paths += plots.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
+        paths += sensitivity.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
     print(f"results: {args.out}")
     if table is not None:
         print(f"table: {args.table}")
     print(f"figure: {', '.join(map(str, paths))}")
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    print(f"elapsed {time.perf_counter() - args.start:.1f} s, peak memory of one process "
-          f"{peak:.0f} MiB")
+    peak = (
+        max(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+        )
+        / 1024
+    )
+    print(f"elapsed {time.perf_counter() - args.start:.1f} s, peak memory of one process {peak:.0f} MiB")
     return 0

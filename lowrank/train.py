@@ -69,9 +69,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; see TrainConfig")
         if self.adversarial not in (None, "fgsm", "pgd"):
-            raise ValueError(
-                f"adversarial={self.adversarial!r} is unknown; use None, 'fgsm' or 'pgd'"
-            )
+            raise ValueError(f"adversarial={self.adversarial!r} is unknown; use None, 'fgsm' or 'pgd'")
 
 
 @dataclass
@@ -139,8 +137,9 @@ def pgd(eps: float, steps: int = 3, seed: int = 0, bounds: Bounds = None) -> Per
     return perturb
 
 
-def robust_accuracy(model: nn.Module, task: Task, split: str, perturb: Perturb | None,
-                    batch_size: int = 512) -> float:
+def robust_accuracy(
+    model: nn.Module, task: Task, split: str, perturb: Perturb | None, batch_size: int = 512
+) -> float:
     """Accuracy on ``split`` with every input representation z moved by ``perturb(z, loss)``
     first (None: clean accuracy); eval mode, gradients only with respect to z."""
     tensors = task.split(split).tensors
@@ -211,8 +210,9 @@ def _batches(dataset: Any, batch_size: int, gen: torch.Generator, lengths: Tenso
             yield tuple(t[idx] for t in tensors)
 
 
-def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Generator,
-                   group: int = 8) -> Tensor:
+def length_grouped(
+    perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Generator, group: int = 8
+) -> Tensor:
     """``perm`` reordered so that each batch holds inputs of similar length (less padding):
     every run of ``group`` batches of ``perm`` is sorted by length and cut into batches, and the
     order of the epoch's full batches is shuffled. The remainder (``len(perm) % batch_size``, the
@@ -227,13 +227,12 @@ def length_grouped(perm: Tensor, lengths: Tensor, batch_size: int, gen: torch.Ge
     return torch.cat([rows[torch.randperm(len(rows), generator=gen)].flatten(), order[full:]])
 
 
-def _optimiser(params: list[nn.Parameter], config: TrainConfig
-               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _optimiser(
+    params: list[nn.Parameter], config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW on ``params``, its learning rate scaled by :func:`warmup_linear` at every step."""
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_linear(s, config.steps, config.warmup)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, config.steps, config.warmup))
     return opt, sched
 
 
@@ -252,13 +251,21 @@ def _train_lengths(task: TrainTask, config: TrainConfig) -> Tensor | None:
     if not config.group_by_length:
         return None
     if not isinstance(task, HasLengths):
-        raise ValueError(f"group_by_length=True needs inputs of varying length; the "
-                         f"{type(task).__name__} task has none, so leave it False")
+        raise ValueError(
+            f"group_by_length=True needs inputs of varying length; the "
+            f"{type(task).__name__} task has none, so leave it False"
+        )
     return task.lengths("train")
 
 
-def _objective(model: nn.Module, task: TrainTask, batch: tuple[Tensor, ...], config: TrainConfig,
-               perturb: Perturb | None, ads: Sequence[Adapter]) -> Tensor:
+def _objective(
+    model: nn.Module,
+    task: TrainTask,
+    batch: tuple[Tensor, ...],
+    config: TrainConfig,
+    perturb: Perturb | None,
+    ads: Sequence[Adapter],
+) -> Tensor:
     """The minimised loss: (1 − w)·L(batch) + w·L(perturbed batch) (w = ``config.adv_weight``;
     the clean loss alone without ``perturb``), plus every adapter's ``penalty()``."""
     loss = task.loss(model, batch)
@@ -329,8 +336,7 @@ def train(
             bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
         seconds = time.perf_counter() - start
         metrics = _final_metrics(model, task)
-    history.append({"step": config.steps, **{k[4:]: v for k, v in metrics.items()
-                                              if k.startswith("dev_")}})
+    history.append({"step": config.steps, **{k[4:]: v for k, v in metrics.items() if k.startswith("dev_")}})
     return TrainResult(
         metrics=metrics,
         history=history,
@@ -338,4 +344,3 @@ def train(
         peak_mem_mb=mem.peak,
         trainable_params=sum(p.numel() for p in params),
     )
-

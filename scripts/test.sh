@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m ruff check . || exit 1
+.venv/bin/python -m ruff format --check . || exit 1
 .venv/bin/python -m pytest -n auto --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

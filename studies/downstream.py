@@ -65,25 +65,66 @@ from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
 from lowrank.train import PeakMemory
 
 ADAPTER_TARGETS = ["query", "value"]
-DEFAULTS = {"datasets": ["movies", "trec"], "variants": ["lora", "vera", "full"], "budgets": [8],
-            "ranks": [], "seeds": 2, "steps": 32, "batch_size": 32,
-            "max_train": 800, "max_eval": 200, "group_by_length": False, "eval_every": None}
+DEFAULTS = {
+    "datasets": ["movies", "trec"],
+    "variants": ["lora", "vera", "full"],
+    "budgets": [8],
+    "ranks": [],
+    "seeds": 2,
+    "steps": 32,
+    "batch_size": 32,
+    "max_train": 800,
+    "max_eval": 200,
+    "group_by_length": False,
+    "eval_every": None,
+}
 PRESETS = {
-    "paper": ("the README table, many CPU hours on 2 cores (sweeps resume)",
-              {"variants": lr.variants(), "ranks": [8], "seeds": 3, "steps": 600, "eval_every": 100,
-               "max_train": 10000, "max_eval": 1000, "group_by_length": True, "intervals": True}),
-    "quick": ("a tiny smoke run (< 2 min)",
-              {"datasets": ["trec"], "variants": ["lora", "vera"], "budgets": [2], "seeds": 1,
-               "lr_grid": [3e-3], "steps": 4, "batch_size": 16, "max_train": 64, "max_eval": 48}),
+    "paper": (
+        "the README table, many CPU hours on 2 cores (sweeps resume)",
+        {
+            "variants": lr.variants(),
+            "ranks": [8],
+            "seeds": 3,
+            "steps": 600,
+            "eval_every": 100,
+            "max_train": 10000,
+            "max_eval": 1000,
+            "group_by_length": True,
+            "intervals": True,
+        },
+    ),
+    "quick": (
+        "a tiny smoke run (< 2 min)",
+        {
+            "datasets": ["trec"],
+            "variants": ["lora", "vera"],
+            "budgets": [2],
+            "seeds": 1,
+            "lr_grid": [3e-3],
+            "steps": 4,
+            "batch_size": 16,
+            "max_train": 64,
+            "max_eval": 48,
+        },
+    ),
 }
 PROBE_C = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS,
-                     plot_only="redraw the figure and the table from the CSV, training nothing")
-    p.add_argument("--datasets", nargs="+", choices=["movies", "trec"],
-                   help="text datasets: movie-review sentiment, TREC question type")
+    p = study.parser(
+        __file__,
+        __doc__,
+        defaults=DEFAULTS,
+        presets=PRESETS,
+        plot_only="redraw the figure and the table from the CSV, training nothing",
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=["movies", "trec"],
+        help="text datasets: movie-review sentiment, TREC question type",
+    )
     p.add_argument("--max-train", type=study.positive_int, help="training sentences per dataset")
     p.add_argument("--max-eval", type=study.positive_int, help="dev and test sentences each")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, help="batch by length")
@@ -92,20 +133,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", **ranks, help="LoRA ranks whose parameter count each variant matches")
     p.add_argument("--ranks", **ranks, help="fixed ranks every variant is also run at")
     p.add_common("seeds", "lr_grid", "steps", "batch_size")
-    p.add_argument("--eval-every", type=study.positive_int, metavar="STEPS",
-                   help="steps between dev evaluations, kept in each row's dev_curve to show whether "
-                        "the budget converged (the final model is reported either way); "
-                        "default: once, after the last step")
+    p.add_argument(
+        "--eval-every",
+        type=study.positive_int,
+        metavar="STEPS",
+        help="steps between dev evaluations, kept in each row's dev_curve to show whether "
+        "the budget converged (the final model is reported either way); "
+        "default: once, after the last step",
+    )
     p.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
-    p.add_argument("--intervals", action="store_true",
-                   help="record every run's per-example test predictions (new runs) and report each "
-                        "variant's difference from LoRA at the matched budget with a 95%% paired-"
-                        "bootstrap interval and a Holm-adjusted p-value (table and "
-                        "<figure>_intervals)")
+    p.add_argument(
+        "--intervals",
+        action="store_true",
+        help="record every run's per-example test predictions (new runs) and report each "
+        "variant's difference from LoRA at the matched budget with a 95%% paired-"
+        "bootstrap interval and a Holm-adjusted p-value (table and "
+        "<figure>_intervals)",
+    )
     p.add_common(workers="parallel training processes")
-    p.add_argument("--table", type=Path, default=None,
-                   help="markdown table (default results/downstream.md; results/downstream_paper.md "
-                        "with --paper; results/downstream_quick.md with --quick)")
+    p.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="markdown table (default results/downstream.md; results/downstream_paper.md "
+        "with --paper; results/downstream_quick.md with --quick)",
+    )
     args = p.parse_args(argv)
     args.table = args.table or p.results / f"{args.run_name}.md"
     if any(lr.variant_class(v).takes_rank for v in args.variants) and not args.budgets + args.ranks:
@@ -121,8 +173,12 @@ def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
 
 
 def task_options(args: argparse.Namespace, dataset: str, variant: str) -> dict:
-    return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval,
-            "targets": ADAPTER_TARGETS if lr.variant_class(variant).takes_rank else "all-linear"}
+    return {
+        "dataset": dataset,
+        "max_train": args.max_train,
+        "max_eval": args.max_eval,
+        "targets": ADAPTER_TARGETS if lr.variant_class(variant).takes_rank else "all-linear",
+    }
 
 
 @functools.cache
@@ -168,8 +224,7 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
     budget it matches, and for full fine-tuning LoRA at the first budget."""
     task = lr.tasks.get("text", dataset=args.datasets[0], max_train=8, max_eval=8)
     model = task.pretrained()
-    shapes = [tuple(model.get_submodule(n).weight.shape)
-              for n in lr.find_targets(model, ADAPTER_TARGETS)]
+    shapes = [tuple(model.get_submodule(n).weight.shape) for n in lr.find_targets(model, ADAPTER_TARGETS)]
     roles: dict[tuple[str, int | None], list[str]] = {}
     against: dict[tuple[str, int | None], int] = {}
     for variant in args.variants:
@@ -184,21 +239,22 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
             against.setdefault((variant, r), b)
             near = abs(adapter_params(variant, shapes, r) - budget) <= 0.25 * budget
             roles.setdefault((variant, r), []).append(
-                f"budget of LoRA r={b}" + ("" if near else " (closest it can reach)"))
+                f"budget of LoRA r={b}" + ("" if near else " (closest it can reach)")
+            )
         for r in args.ranks:
             if adapter_params(variant, shapes, r) is not None:
                 roles.setdefault((variant, r), []).append(f"fixed r={r}")
-    train = {"steps": args.steps, "batch_size": args.batch_size,
-             "eval_every": args.eval_every or args.steps}
+    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.eval_every or args.steps}
     if args.group_by_length:
         train["group_by_length"] = True
     measure = ("weights", "predictions") if args.intervals else ("weights",)
-    specs = [RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train,
-                     measure=measure)
-             for d in args.datasets for (v, r) in roles]
+    specs = [
+        RunSpec("text", v, r, 0, 0.0, task_options=task_options(args, d, v), train=train, measure=measure)
+        for d in args.datasets
+        for (v, r) in roles
+    ]
     model_params = sum(p.numel() for p in model.encoder.parameters())
-    references = ({k: b for k, b in against.items() if k != ("lora", b)}
-                  if "lora" in args.variants else {})
+    references = {k: b for k, b in against.items() if k != ("lora", b)} if "lora" in args.variants else {}
     return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params, references
 
 
@@ -223,8 +279,9 @@ def probe_options(args: argparse.Namespace, dataset: str) -> dict:
 
 
 def probe_id(options: dict) -> str:
-    return hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True)
-                        .encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
 
 
 def probe_row(args: argparse.Namespace, dataset: str) -> dict:
@@ -241,17 +298,35 @@ def probe_row(args: argparse.Namespace, dataset: str) -> dict:
         fits = {c: LogisticRegression(C=c, max_iter=5000).fit(x["train"], y["train"]) for c in PROBE_C}
         c = max(PROBE_C, key=lambda c: (fits[c].score(x["dev"], y["dev"]), -c))
     pred = {s: fits[c].predict(x[s]) for s in ("dev", "test")}
-    metrics = {f"{s}_{k}": v for s in pred for k, v in (
-        ("accuracy", float((pred[s] == y[s]).mean())),
-        ("macro_f1", float(f1_score(y[s], pred[s], average="macro"))))}
-    return {KEY: probe_id(options), "task": "text", "variant": "probe", "rank": None, "seed": 0,
-            "lr": None, "task_options": json.dumps(options, sort_keys=True), "metric": "accuracy",
-            "higher_is_better": True, "status": "ok", "lr_selected": True,
-            "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
-            "trainable_params": int(fits[c].coef_.size + fits[c].intercept_.size),
-            "train_seconds": round(time.perf_counter() - start, 4), "peak_mem_mb": mem.peak,
-            "threads": torch.get_num_threads(), **provenance(), **metrics,
-            COLUMN: code_fingerprint(__file__)}
+    metrics = {
+        f"{s}_{k}": v
+        for s in pred
+        for k, v in (
+            ("accuracy", float((pred[s] == y[s]).mean())),
+            ("macro_f1", float(f1_score(y[s], pred[s], average="macro"))),
+        )
+    }
+    return {
+        KEY: probe_id(options),
+        "task": "text",
+        "variant": "probe",
+        "rank": None,
+        "seed": 0,
+        "lr": None,
+        "task_options": json.dumps(options, sort_keys=True),
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "status": "ok",
+        "lr_selected": True,
+        "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
+        "trainable_params": int(fits[c].coef_.size + fits[c].intercept_.size),
+        "train_seconds": round(time.perf_counter() - start, 4),
+        "peak_mem_mb": mem.peak,
+        "threads": torch.get_num_threads(),
+        **provenance(),
+        **metrics,
+        COLUMN: code_fingerprint(__file__),
+    }
 
 
 def add_probes(args: argparse.Namespace) -> None:
@@ -266,8 +341,7 @@ def add_probes(args: argparse.Namespace) -> None:
         if not held.empty and COLUMN in held and (held[COLUMN] == current).all():
             continue
         rest = df[df[KEY] != key] if not df.empty else df
-        write_atomic(pd.concat([rest, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True),
-                     args.out)
+        write_atomic(pd.concat([rest, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True), args.out)
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
@@ -299,11 +373,23 @@ def comparisons(df: pd.DataFrame, references: dict) -> pd.DataFrame:
     every seed; seeds paired by number: :func:`lowrank.stats.paired_bootstrap`) and the p-value
     Holm-adjusted over the comparisons of the dataset (:func:`lowrank.stats.holm`). Only runs
     that recorded ``test_correct`` (--intervals) take part; empty when none did."""
-    columns = ["dataset", "variant", "rank", "lora_rank", "seeds", "diff", "low", "high", "p",
-               "p_holm", "significant"]
+    columns = [
+        "dataset",
+        "variant",
+        "rank",
+        "lora_rank",
+        "seeds",
+        "diff",
+        "low",
+        "high",
+        "p",
+        "p_holm",
+        "significant",
+    ]
     scored = df[df["test_correct"].notna()] if "test_correct" in df else df.iloc[:0]
     out = []
     for dataset, sub in scored.groupby("dataset", sort=False):
+
         def scores(variant: str, rank: int | None, sub: pd.DataFrame = sub) -> dict[int, np.ndarray]:
             same = sub["rank"].isna() if rank is None else sub["rank"] == rank
             runs = sub[(sub["variant"] == variant) & same]
@@ -314,11 +400,22 @@ def comparisons(df: pd.DataFrame, references: dict) -> pd.DataFrame:
             a, b = scores(variant, rank), scores("lora", lora_rank)
             seeds = sorted(set(a) & set(b))
             if seeds:
-                c = paired_bootstrap(np.stack([a[k] for k in seeds]), np.stack([b[k] for k in seeds]),
-                                     n_boot=N_BOOT)
-                found.append({"dataset": dataset, "variant": variant, "rank": rank,
-                              "lora_rank": lora_rank, "seeds": len(seeds), "diff": 100 * c.diff,
-                              "low": 100 * c.low, "high": 100 * c.high, "p": c.p})
+                c = paired_bootstrap(
+                    np.stack([a[k] for k in seeds]), np.stack([b[k] for k in seeds]), n_boot=N_BOOT
+                )
+                found.append(
+                    {
+                        "dataset": dataset,
+                        "variant": variant,
+                        "rank": rank,
+                        "lora_rank": lora_rank,
+                        "seeds": len(seeds),
+                        "diff": 100 * c.diff,
+                        "low": 100 * c.low,
+                        "high": 100 * c.high,
+                        "p": c.p,
+                    }
+                )
         for f, adjusted in zip(found, holm([f["p"] for f in found])):
             out.append({**f, "p_holm": float(adjusted), "significant": bool(adjusted < ALPHA)})
     return pd.DataFrame(out, columns=columns)
@@ -332,12 +429,19 @@ def searched(df: pd.DataFrame, specs: list[RunSpec], roles: dict) -> pd.DataFram
     role = [roles.get((v, None if pd.isna(r) else int(r)), "") for v, r in zip(runs["variant"], runs["rank"])]
     return runs.assign(
         dataset=runs["task_options"].map(lambda o: json.loads(o)["dataset"]),
-        compared=[[None] if lab == "baseline" else [part.split(" (")[0] for part in lab.split("; ")]
-                  for lab in role]).explode("compared")
+        compared=[
+            [None] if lab == "baseline" else [part.split(" (")[0] for part in lab.split("; ")] for lab in role
+        ],
+    ).explode("compared")
 
 
-def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Namespace,
-          diffs: pd.DataFrame | None = None) -> str:
+def table(
+    df: pd.DataFrame,
+    roles: dict,
+    model_params: int,
+    args: argparse.Namespace,
+    diffs: pd.DataFrame | None = None,
+) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
     machine); a learning rate at either end of the rates its search tried is marked †. With
@@ -349,94 +453,153 @@ def table(df: pd.DataFrame, roles: dict, model_params: int, args: argparse.Names
         for d in diffs.itertuples():
             p = "< 0.001" if d.p_holm < 0.001 else f"{d.p_holm:.3f}"
             rank = None if pd.isna(d.rank) else int(d.rank)
-            cells[d.dataset, d.variant, rank] = (f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}] | "
-                                                 f"{p}{'*' if d.significant else ''}")
+            cells[d.dataset, d.variant, rank] = (
+                f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}] | {p}{'*' if d.significant else ''}"
+            )
             cells[d.dataset, "lora", int(d.lora_rank)] = "reference | —"
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
-        lines += [f"### {dataset}", "",
-                  "| method | rank | compared at | trainable params | % of model | test accuracy "
-                  + ("| Δ vs LoRA [95 % CI] | p (Holm) " if show else "")
-                  + "| test macro-F1 | lr | s / epoch | peak MiB | seeds |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if show else "")]
+        lines += [
+            f"### {dataset}",
+            "",
+            "| method | rank | compared at | trainable params | % of model | test accuracy "
+            + ("| Δ vs LoRA [95 % CI] | p (Holm) " if show else "")
+            + "| test macro-F1 | lr | s / epoch | peak MiB | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if show else ""),
+        ]
         g = sub.groupby(["variant", "rank"], dropna=False, sort=False)
-        summary = g.agg(acc=("test_accuracy", "mean"), acc_sd=("test_accuracy", "std"),
-                        f1=("test_macro_f1", "mean"), f1_sd=("test_macro_f1", "std"),
-                        params=("trainable_params", "mean"), lr=("lr", "first"),
-                        lr_status=("lr_status", "first"),
-                        spe=("seconds_per_epoch", "median"), mem=("peak_mem_mb", "mean"),
-                        n=("seed", "size")).reset_index().sort_values("acc", ascending=False)
+        summary = (
+            g.agg(
+                acc=("test_accuracy", "mean"),
+                acc_sd=("test_accuracy", "std"),
+                f1=("test_macro_f1", "mean"),
+                f1_sd=("test_macro_f1", "std"),
+                params=("trainable_params", "mean"),
+                lr=("lr", "first"),
+                lr_status=("lr_status", "first"),
+                spe=("seconds_per_epoch", "median"),
+                mem=("peak_mem_mb", "mean"),
+                n=("seed", "size"),
+            )
+            .reset_index()
+            .sort_values("acc", ascending=False)
+        )
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
             rate = "—" if pd.isna(r.lr) else f"{r.lr:g}" + ("" if r.lr_status == "interior" else "†")
             lines.append(
-                f"| {r.variant} | {rank or '—'} | {role} | {int(r.params):,} | "
+                f"| {plots.label(r.variant)} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
                 + (f"{cells.get((dataset, r.variant, rank), '— | —')} | " if show else "")
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
-                f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |")
+                f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |"
+            )
         lines.append("")
     if args.lr_grid == study.AUTO:
-        lines.append("† the best of the searched learning rates is at the edge of those tried "
-                     f"(--lr-grid auto: {arguments.AUTO_POINTS} rates half a decade apart around "
-                     f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale).")
+        lines.append(
+            "† the best of the searched learning rates is at the edge of those tried "
+            f"(--lr-grid auto: {arguments.AUTO_POINTS} rates half a decade apart around "
+            f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale)."
+        )
     else:
-        lines.append(f"† the best of the searched learning rates "
-                     f"({', '.join(f'{x:g}' for x in args.lr_grid)}) is at the edge of the grid.")
+        lines.append(
+            f"† the best of the searched learning rates "
+            f"({', '.join(f'{x:g}' for x in args.lr_grid)}) is at the edge of the grid."
+        )
     if args.lr_extend:
-        lines[-1] += (f" A search whose best rate was at an edge stepped past it, up to "
-                      f"{args.lr_extend} times; † marks the edge of the rates it tried.")
+        lines[-1] += (
+            f" A search whose best rate was at an edge stepped past it, up to "
+            f"{args.lr_extend} times; † marks the edge of the rates it tried."
+        )
     if show:
         n = diffs.groupby("dataset", sort=False).size()
-        family = (f"the {n.iloc[0]} comparison{'s' if n.iloc[0] > 1 else ''} of each dataset"
-                  if n.nunique() == 1 else
-                  "the comparisons of each dataset (" + ", ".join(f"{d} {k}" for d, k in n.items()) + ")")
+        family = (
+            f"the {n.iloc[0]} comparison{'s' if n.iloc[0] > 1 else ''} of each dataset"
+            if n.nunique() == 1
+            else "the comparisons of each dataset (" + ", ".join(f"{d} {k}" for d, k in n.items()) + ")"
+        )
         full = diffs.loc[diffs["rank"].isna(), ["variant", "lora_rank"]].drop_duplicates()
         lines.append(
             "\nΔ vs LoRA: test accuracy minus LoRA's at the budget the row is compared at"
-            + "".join(f" ({v}: LoRA r={b})" for v, b in full.itertuples(index=False))
+            + "".join(f" ({plots.label(v)}: LoRA r={b})" for v, b in full.itertuples(index=False))
             + ", in points, mean over the seeds both ran (paired by seed) and the test examples; "
             f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates); "
-            f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}.")
+            f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}."
+        )
     return "\n".join(lines)
 
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None = None) -> list[Path]:
-    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory, mean ±
-    std over seeds, the Pareto front over both; the linear probe is a dashed line. With
+    """Per dataset (row): test accuracy vs trainable parameters (log) and vs peak memory (from
+    0), mean ± std over seeds, the Pareto front over both; the linear probe is a dashed line;
+    points at another rank than the one most variants ran at are tagged with it. With
     ``diffs`` (:func:`comparisons`, not empty), also :func:`interval_figure` at
     ``<stem>_intervals``."""
     datasets = list(dict.fromkeys(df["dataset"]))
     if not datasets:
         raise ValueError("no finished runs to plot; run the study first")
     styles = plots.style_for([v for v in df["variant"].unique() if v != "probe"])
-    with plots.panels(len(datasets), 2, 2.4 * len(datasets)) as (fig, axes):
+    tags = []  # (panel, x, y, rank tags), placed once the layout is final
+    # the rank most variants ran at (ties: the smallest) is not tagged
+    shared = df[df["variant"] != "probe"].dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
+    usual = shared.idxmax() if len(shared) else np.nan
+    with plots.panels(len(datasets), 2, 2.5 * len(datasets) + 0.4) as (fig, axes):
         for row, dataset in zip(axes, datasets):
             sub = df[df["dataset"] == dataset]
-            s = (sub.groupby(["variant", "rank"], dropna=False)
-                 .agg(mean=("test_accuracy", "mean"), std=("test_accuracy", "std"),
-                      params=("trainable_params", "mean"), mem=("peak_mem_mb", "mean"))
-                 .reset_index())
+            s = (
+                sub.groupby(["variant", "rank"], dropna=False)
+                .agg(
+                    mean=("test_accuracy", "mean"),
+                    std=("test_accuracy", "std"),
+                    params=("trainable_params", "mean"),
+                    mem=("peak_mem_mb", "mean"),
+                )
+                .reset_index()
+            )
             probe = s[s["variant"] == "probe"]
             runs = s[s["variant"] != "probe"]
-            for ax, col, xlabel in ((row[0], "params", "trainable parameters"),
-                                    (row[1], "mem", "peak memory of the run (MiB)")):
+            for ax, col, xlabel, title in (
+                (row[0], "params", "trainable parameters", "accuracy by trainable parameters"),
+                (row[1], "mem", "peak memory of the run (MiB)", "accuracy by peak memory"),
+            ):
                 for _, p in probe.iterrows():
-                    plots.reference(ax, p["mean"], label="linear probe", color="0.4")
+                    plots.reference(ax, p["mean"], label=plots.label("probe"), color="0.4")
                 for _, r in runs.iterrows():
-                    ax.errorbar(r[col], r["mean"], yerr=np.nan_to_num(r["std"]), capsize=1.5,
-                                label=r["variant"], ls="none", **styles[r["variant"]])
-                    tag = "" if pd.isna(r["rank"]) else f"r{int(r['rank'])}"
-                    ax.annotate(tag, (r[col], r["mean"]), fontsize=5, xytext=(2, -6),
-                                textcoords="offset points")
+                    ax.errorbar(
+                        r[col],
+                        r["mean"],
+                        yerr=np.nan_to_num(r["std"]),
+                        capsize=1.5,
+                        label=plots.label(r["variant"]),
+                        ls="none",
+                        **styles[r["variant"]],
+                    )
                 x, y = runs[col].to_numpy(float), runs["mean"].to_numpy(float)
                 front = plots.pareto_front(x, y, True)
                 ax.step(x[front], y[front], where="post", color="0.2", lw=0.8, label="Pareto front")
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{dataset}: test accuracy")
+                ax.set_title(f"{dataset}: {title}")
             row[0].set_xscale("log")
-        plots.legend_below(fig, axes, max_cols=7)
+            row[1].set_xlim(0, runs["mem"].max() * 1.05)  # memory from 0: no exaggerated gaps
+            tags.append(
+                (
+                    row[0],
+                    runs["params"],
+                    runs["mean"],
+                    ["" if pd.isna(k) or k == usual else f"r={int(k)}" for k in runs["rank"]],
+                )
+            )
+        axes[0, 0].plot(
+            [], [], ls="none", marker="|", color="0.3", markersize=6, label="error bars: ± std over seeds"
+        )
+        if not pd.isna(usual):
+            axes[0, 0].plot([], [], ls="none", label=f"untagged points: r = {int(usual)}")
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=5)
+        for ax, x, y, texts in tags:
+            plots.place_labels(ax, x, y, texts)
         paths = plots.save(fig, stem)
     if diffs is not None and not diffs.empty:
         paths += interval_figure(diffs, f"{stem}_intervals")
@@ -455,21 +618,33 @@ def interval_figure(diffs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
             d = diffs[diffs["dataset"] == dataset].sort_values("diff").reset_index(drop=True)
             for i, r in d.iterrows():
                 st = styles[r["variant"]]
-                ax.errorbar(r["diff"], i, xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]],
-                            color=st["color"], marker=st["marker"], markersize=5, ls="none",
-                            capsize=2, markerfacecolor=st["color"] if r["significant"] else "white")
+                ax.errorbar(
+                    r["diff"],
+                    i,
+                    xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]],
+                    color=st["color"],
+                    marker=st["marker"],
+                    markersize=5,
+                    ls="none",
+                    capsize=2,
+                    markerfacecolor=st["color"] if r["significant"] else "white",
+                )
             ax.axvline(0, color="0.3", lw=0.8, ls="--", zorder=0)
-            ax.set_yticks(range(len(d)), [v if pd.isna(k) else f"{v} r{int(k)}"
-                                          for v, k in zip(d["variant"], d["rank"])])
+            ax.set_yticks(range(len(d)), [plots.label(v, k) for v, k in zip(d["variant"], d["rank"])])
+            ax.set_ylabel("variant at the matched budget")
             ax.set_ylim(-0.6, len(d) - 0.4)
             ax.grid(axis="y", visible=False)
             lora = ", ".join(f"r = {int(b)}" for b in sorted(d["lora_rank"].unique()))
             ax.set_xlabel(f"test accuracy − LoRA's at the matched budget ({lora}), points")
             ax.set_title(f"{dataset}: difference with 95 % interval")
-        for filled, text in ((True, f"significant (Holm-adjusted p < {ALPHA:g})"),
-                             (False, "not significant")):
-            axes[0, 0].plot([], [], "o", color="0.3", markerfacecolor="0.3" if filled else "white",
-                            label=text)
+        for filled, text in (
+            (True, f"significant (Holm-adjusted p < {ALPHA:g})"),
+            (False, "not significant"),
+        ):
+            axes[0, 0].plot(
+                [], [], "o", color="0.3", markerfacecolor="0.3" if filled else "white", label=text
+            )
+        plots.letter_panels(axes)
         plots.legend_below(fig, axes)
         return plots.save(fig, stem)
 
@@ -491,11 +666,20 @@ def main(argv: list[str] | None = None) -> int:
     diffs = comparisons(rows, references)
     text = table(rows, roles, model_params, args, diffs)
     print(text)
-    return study.finish(args, figure, rows, diffs=diffs, lr_search=searched(df, specs, roles),
-                        lr_panels={"row": "dataset", "col": "compared"}, table=(
-        f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
-        f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
-        "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text))
+    return study.finish(
+        args,
+        figure,
+        rows,
+        diffs=diffs,
+        lr_search=searched(df, specs, roles),
+        lr_panels={"row": "dataset", "col": "compared"},
+        table=(
+            f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
+            f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
+            "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text
+        ),
+    )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,19 +62,27 @@ def check(names: list[str]) -> int:
             n = int(stale(df, ROOT / f"{name}.py").sum())
             bad += n
             rerun = " ".join([f"studies/{name}.py", *extra])
-            print(f"{csv}: {n} of {len(df)} rows made by other code"
-                  + (f"; re-run {rerun}" if n else ""))
+            print(f"{csv}: {n} of {len(df)} rows made by other code" + (f"; re-run {rerun}" if n else ""))
     return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     names = sorted({name for name, _, _ in FIGURES})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", nargs="+", choices=names, default=names, metavar="STUDY",
-                   help=f"studies to redraw (default all: {', '.join(names)})")
-    p.add_argument("--check", action="store_true",
-                   help="draw nothing; list the CSVs holding rows that the code at hand did not make "
-                        "(their code_fingerprint differs) and exit 1 if there are any")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=names,
+        default=names,
+        metavar="STUDY",
+        help=f"studies to redraw (default all: {', '.join(names)})",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="draw nothing; list the CSVs holding rows that the code at hand did not make "
+        "(their code_fingerprint differs) and exit 1 if there are any",
+    )
     args = p.parse_args(argv)
     if args.check:
         return check(args.only)

@@ -35,8 +35,13 @@ import lowrank as lr
 from lowrank import plots, study
 from lowrank.sweep import provenance, write_atomic
 
-DEFAULTS = {"dims": [768, 1024, 4096], "ranks": [4, 8, 64], "tokens": 2048, "reps": 10,
-            "variants": lr.variants()}
+DEFAULTS = {
+    "dims": [768, 1024, 4096],
+    "ranks": [4, 8, 64],
+    "tokens": 2048,
+    "reps": 10,
+    "variants": lr.variants(),
+}
 QUICK = {"dims": [128], "ranks": [8], "tokens": 256, "reps": 3}
 
 
@@ -45,18 +50,28 @@ PRESETS = {"quick": ("a run of seconds, used by the tests", QUICK)}
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS)
-    p.add_argument("--dims", nargs="+", type=study.positive_int, metavar="D",
-                   help="sides d of the d × d layers")
+    p.add_argument(
+        "--dims", nargs="+", type=study.positive_int, metavar="D", help="sides d of the d × d layers"
+    )
     p.add_common("ranks")
     p.add_argument("--tokens", type=study.positive_int, help="rows of the input batch")
-    p.add_argument("--reps", type=study.positive_int,
-                   help="interleaved rounds (a third of them at d ≥ 4096)")
+    p.add_argument("--reps", type=study.positive_int, help="interleaved rounds (a third of them at d ≥ 4096)")
     p.add_common("variants")
-    p.add_argument("--big-variants", nargs="+", type=study.variant, default=["lora", "dora"],
-                   metavar="VARIANT", help="variants timed at d ≥ 4096 (every one is slow there on a CPU)")
+    p.add_argument(
+        "--big-variants",
+        nargs="+",
+        type=study.variant,
+        default=["lora", "dora"],
+        metavar="VARIANT",
+        help="variants timed at d ≥ 4096 (every one is slow there on a CPU)",
+    )
     p.add_argument("--device", default="cpu", help="torch device of the layers (cpu or cuda)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
-                   help="dtype of the layers and inputs")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16"],
+        help="dtype of the layers and inputs",
+    )
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT reference")
     args = p.parse_args(argv)
     if min(args.ranks) > max(args.dims):
@@ -73,8 +88,9 @@ def _peft_layer(kind: str, base: nn.Linear, rank: int) -> nn.Module | None:
         return None
     model = nn.Sequential()
     model.add_module("layer", copy.deepcopy(base))
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["layer"], use_dora=kind == "dora",
-                     init_lora_weights=True)
+    cfg = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["layer"], use_dora=kind == "dora", init_lora_weights=True
+    )
     peft_model = get_peft_model(model, cfg)
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
@@ -87,8 +103,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def configurations(base: nn.Linear, rank: int, variants: list[str], peft: bool
-                   ) -> dict[str, tuple[nn.Module, bool]]:
+def configurations(
+    base: nn.Linear, rank: int, variants: list[str], peft: bool
+) -> dict[str, tuple[nn.Module, bool]]:
     """name → (module, trains?) for one shape."""
     confs: dict[str, tuple[nn.Module, bool]] = {"base": (base, True)}
     for v in variants:
@@ -125,25 +142,30 @@ def measure(fn: Callable[[], object], device: str) -> float:
 
 def _forward(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """The eval forward of ``m`` on ``x``, without autograd."""
+
     def run() -> object:
         with torch.no_grad():
             return m(x)
+
     return run
 
 
 def _forward_backward(m: nn.Module, xg: torch.Tensor) -> Callable[[], object]:
     """The training forward+backward of ``m`` on ``xg`` (which requires grad), gradients cleared
     after."""
+
     def run() -> None:
         m(xg).sum().backward()
         xg.grad = None
         for p in m.parameters():
             p.grad = None
+
     return run
 
 
-def _jobs(confs: dict[str, tuple[nn.Module, bool]], x: torch.Tensor
-          ) -> list[tuple[str, str, Callable[[], object]]]:
+def _jobs(
+    confs: dict[str, tuple[nn.Module, bool]], x: torch.Tensor
+) -> list[tuple[str, str, Callable[[], object]]]:
     """(configuration, kind, call) for every measurement: each configuration's forward and,
     if it trains, its forward+backward (on a copy of ``x`` that requires grad); modules in eval mode."""
     xg = x.clone().requires_grad_(True)
@@ -156,8 +178,9 @@ def _jobs(confs: dict[str, tuple[nn.Module, bool]], x: torch.Tensor
     return jobs
 
 
-def _interleaved_times(jobs: list[tuple[str, str, Callable[[], object]]], reps: int, device: str
-                       ) -> dict[tuple[str, str], list[float]]:
+def _interleaved_times(
+    jobs: list[tuple[str, str, Callable[[], object]]], reps: int, device: str
+) -> dict[tuple[str, str], list[float]]:
     """(configuration, kind) → seconds per round: one warm-up call each, then ``reps`` rounds
     that run every job once in an order shuffled by a generator seeded with 0."""
     for _, _, fn in jobs:  # warm-up
@@ -171,24 +194,36 @@ def _interleaved_times(jobs: list[tuple[str, str, Callable[[], object]]], reps: 
     return times
 
 
-def _rows(times: dict[tuple[str, str], list[float]], d: int, rank: int, args: argparse.Namespace
-          ) -> list[dict]:
+def _rows(
+    times: dict[tuple[str, str], list[float]], d: int, rank: int, args: argparse.Namespace
+) -> list[dict]:
     """One results row per (configuration, kind): median and minimum time, and the median over
     rounds of its time's ratio to the base layer's and to PEFT DoRA's in the same round."""
     rows = []
     for (name, kind), ts in times.items():
         ref = times[("base", kind)]
         peft = times.get(("peft dora", kind))
-        rows.append({
-            "d": d, "rank": rank, "tokens": args.tokens, "config": name, "kind": kind,
-            "median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "reps": len(ts),
-            # ratios of the same round's pair, then the median: robust to the machine's drift
-            "ratio_to_base": statistics.median(t / b for t, b in zip(ts, ref)),
-            "ratio_to_peft_dora": (statistics.median(t / p for t, p in zip(ts, peft))
-                                   if peft else float("nan")),
-            "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
-            **provenance(),
-        })
+        rows.append(
+            {
+                "d": d,
+                "rank": rank,
+                "tokens": args.tokens,
+                "config": name,
+                "kind": kind,
+                "median_ms": 1e3 * statistics.median(ts),
+                "min_ms": 1e3 * min(ts),
+                "reps": len(ts),
+                # ratios of the same round's pair, then the median: robust to the machine's drift
+                "ratio_to_base": statistics.median(t / b for t, b in zip(ts, ref)),
+                "ratio_to_peft_dora": (
+                    statistics.median(t / p for t, p in zip(ts, peft)) if peft else float("nan")
+                ),
+                "dtype": args.dtype,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                **provenance(),
+            }
+        )
     return rows
 
 
@@ -210,12 +245,22 @@ def bench_shape(d: int, rank: int, args: argparse.Namespace) -> list[dict]:
     return _rows(times, d, rank, args)
 
 
+def config_label(config: str) -> str:
+    """How the figure names a configuration: "lora (merged)" → "LoRA, merged", "peft dora" →
+    "PEFT DoRA", "base" → "base Linear"."""
+    merged = config.endswith(" (merged)")
+    name = config.removesuffix(" (merged)")
+    text = f"PEFT {plots.label(name[5:])}" if name.startswith("peft ") else plots.label(name)
+    return f"{text}, merged" if merged else text
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Dot plot of time relative to the base Linear (median over rounds of the paired ratio),
     per configuration; one panel per measurement kind, one marker per (d, r) shape; the dashed
     line is the base layer."""
     shapes = [tuple(x) for x in df[["d", "rank"]].drop_duplicates().to_numpy()]
-    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", c))
+    configs = sorted(df["config"].unique(), key=lambda c: (c != "base", config_label(c).lower()))
+    names = [config_label(c) for c in configs]
     kinds = list(dict.fromkeys(df["kind"]))
     with plots.panels(1, len(kinds), 0.16 * len(configs) + 1.2, sharey=True) as (fig, axes):
         for ax, kind in zip(axes[0], kinds):
@@ -224,17 +269,31 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 pts = sub[(sub["d"] == d) & (sub["rank"] == r)].set_index("config")
                 ys = [i for i, c in enumerate(configs) if c in pts.index]
                 xs = [pts.loc[c, "ratio_to_base"] for c in configs if c in pts.index]
-                ax.scatter(xs, ys, s=12, color=plots.OKABE_ITO[j % len(plots.OKABE_ITO)],
-                           marker=plots.MARKERS[j % len(plots.MARKERS)], label=f"d={d}, r={r}", zorder=3)
+                ax.scatter(
+                    xs,
+                    ys,
+                    s=12,
+                    color=plots.OKABE_ITO[j % len(plots.OKABE_ITO)],
+                    marker=plots.MARKERS[j % len(plots.MARKERS)],
+                    label=f"d={d}, r={r}",
+                    zorder=3,
+                )
             ax.axvline(1.0, color="0.4", ls="--", lw=0.8)
             ax.set_xscale("log")
-            ticks = [t for t in (0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-                     if sub["ratio_to_base"].min() * 0.95 <= t <= sub["ratio_to_base"].max() * 1.05]
+            ticks = [
+                t
+                for t in (0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+                if sub["ratio_to_base"].min() * 0.95 <= t <= sub["ratio_to_base"].max() * 1.05
+            ]
             ax.set_xticks(ticks, [f"{t:g}×" for t in ticks])
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_xlabel(f"{kind}: time / base Linear")
-            ax.set_yticks(range(len(configs)), configs)
+            ax.set_xlabel("time / base Linear's time (median ratio)")
+            ax.set_title(f"{'eval forward' if kind == 'forward' else 'training ' + kind}")
+            ax.set_yticks(range(len(configs)), names)
+        axes[0, 0].set_ylabel("layer (lowrank variant unless PEFT)")
         axes[0, 0].invert_yaxis()  # shared y: once for all panels; base on top
+        axes[0, 0].plot([], [], color="0.4", ls="--", lw=0.8, label="base Linear (1×)")
+        plots.letter_panels(axes)
         plots.legend_below(fig, axes, max_cols=5)
         return plots.save(fig, stem)
 
@@ -253,10 +312,12 @@ def bench_all(args: argparse.Namespace) -> pd.DataFrame:
 
 def report(df: pd.DataFrame) -> None:
     """Print the time ratios to the base layer of LoRA, DoRA, PEFT's and full fine-tuning."""
-    show = df[df["config"].isin(["lora", "lora (merged)", "dora", "dora (merged)", "peft lora",
-                                 "peft dora", "full"])]
-    table = show.pivot_table(index=["d", "rank", "config"], columns="kind",
-                             values="ratio_to_base").round(3)
+    show = df[
+        df["config"].isin(
+            ["lora", "lora (merged)", "dora", "dora (merged)", "peft lora", "peft dora", "full"]
+        )
+    ]
+    table = show.pivot_table(index=["d", "rank", "config"], columns="kind", values="ratio_to_base").round(3)
     print(table.to_string())
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from matplotlib import ticker
@@ -37,13 +38,27 @@ from lowrank import linalg, plots, study
 from lowrank.sweep import write_atomic
 from lowrank.tasks.text import model_path
 
-SAMPLE = ["encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense",
-          "encoder.layer.5.attention.self.value", "encoder.layer.5.output.dense"]
-SPECTRA = {"power_law": lambda i: 1.0 / i, "exponential": lambda i: 0.9**i,
-           "flat": lambda i: torch.ones_like(i)}
+SAMPLE = [
+    "encoder.layer.0.attention.self.query",
+    "encoder.layer.0.intermediate.dense",
+    "encoder.layer.5.attention.self.value",
+    "encoder.layer.5.output.dense",
+]
+SPECTRA = {
+    "power_law": lambda i: 1.0 / i,
+    "exponential": lambda i: 0.9**i,
+    "flat": lambda i: torch.ones_like(i),
+}
 MIN_BOUND = 1e-3  # ratios to an Eckart–Young error below this are left out of the means
-DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64, 128], "lams": [0.0, 0.01, 0.1], "gd_steps": 300,
-            "adam_steps": 300, "adam_lr": 1e-2, "size": 256, "seed": 0}
+DEFAULTS = {
+    "ranks": [1, 2, 4, 8, 16, 32, 64, 128],
+    "lams": [0.0, 0.01, 0.1],
+    "gd_steps": 300,
+    "adam_steps": 300,
+    "adam_lr": 1e-2,
+    "size": 256,
+    "seed": 0,
+}
 QUICK = {"ranks": [1, 4, 16], "size": 48, "gd_steps": 20, "adam_steps": 20}
 
 
@@ -53,15 +68,22 @@ PRESETS = {"quick": ("smoke run (< 30 s) on the synthetic spectra and one MiniLM
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS)
     p.add_common("ranks")
-    p.add_argument("--lams", nargs="+", type=float, metavar="C",
-                   help="λ of the Frobenius-regularised objective, as multiples c of σ₁ of each "
-                        "matrix")
+    p.add_argument(
+        "--lams",
+        nargs="+",
+        type=float,
+        metavar="C",
+        help="λ of the Frobenius-regularised objective, as multiples c of σ₁ of each matrix",
+    )
     p.add_argument("--gd-steps", type=study.positive_int, help="gradient-descent steps of gd_uv")
     p.add_argument("--adam-steps", type=study.positive_int, help="Adam steps of lora_adam")
     p.add_argument("--adam-lr", type=study.learning_rate, help="Adam's rate (W is first scaled to unit RMS)")
     p.add_argument("--size", type=study.positive_int, help="side of the synthetic matrices")
-    p.add_argument("--all-layers", action="store_true",
-                   help="every Linear of all-MiniLM-L6 instead of the four sampled ones")
+    p.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="every Linear of all-MiniLM-L6 instead of the four sampled ones",
+    )
     p.add_argument("--seed", type=int, help="seed of every random start and projection")
     p.add_common("threads")
     args = p.parse_args(argv)
@@ -84,8 +106,11 @@ def minilm(all_layers: bool, quick: bool) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     weights = load_file(model_path() / "model.safetensors")
-    names = sorted(k[:-len(".weight")] for k, v in weights.items()
-                   if k.endswith(".weight") and v.ndim == 2 and k.startswith("encoder."))
+    names = sorted(
+        k[: -len(".weight")]
+        for k, v in weights.items()
+        if k.endswith(".weight") and v.ndim == 2 and k.startswith("encoder.")
+    )
     keep = names if all_layers else SAMPLE[:1] if quick else SAMPLE
     return {f"minilm.{n.removeprefix('encoder.')}": weights[f"{n}.weight"].double() for n in keep}
 
@@ -124,8 +149,7 @@ def approximations(W: torch.Tensor, r: int, args: argparse.Namespace):
         X, sec = timed(lambda m=method: from_svd(m))
         yield ("svd" if method == "exact" else "randomized_svd"), 0.0, X, sec
     for c in args.lams:
-        X, sec = timed(lambda c=c: linalg.fit_uv(W, r, c * sigma1, steps=args.gd_steps,
-                                                 seed=args.seed).X)
+        X, sec = timed(lambda c=c: linalg.fit_uv(W, r, c * sigma1, steps=args.gd_steps, seed=args.seed).X)
         yield "gd_uv", c, X, sec
         X, sec = timed(lambda c=c: linalg.frobenius_lowrank(W, r, c * sigma1))
         yield "closed_form", c, X, sec
@@ -145,11 +169,22 @@ def measure(name: str, kind: str, W: torch.Tensor, args: argparse.Namespace) -> 
             err = float((W - X).norm()) / norm
             if method == "closed_form":
                 closed[c] = err
-            rows.append({"matrix": name, "kind": kind, "rows": W.shape[0], "cols": W.shape[1],
-                         "method": method, "rank": r, "lam_rel": c, "error": err,
-                         "eckart_young": ey, "ratio": err / ey if ey > 0 else float("nan"),
-                         "seconds": sec,
-                         "steps": {"gd_uv": args.gd_steps, "lora_adam": args.adam_steps}.get(method, 0)})
+            rows.append(
+                {
+                    "matrix": name,
+                    "kind": kind,
+                    "rows": W.shape[0],
+                    "cols": W.shape[1],
+                    "method": method,
+                    "rank": r,
+                    "lam_rel": c,
+                    "error": err,
+                    "eckart_young": ey,
+                    "ratio": err / ey if ey > 0 else float("nan"),
+                    "seconds": sec,
+                    "steps": {"gd_uv": args.gd_steps, "lora_adam": args.adam_steps}.get(method, 0),
+                }
+            )
         for row in rows:  # gd_uv against its own closed-form optimum at the same λ
             if row["method"] == "gd_uv" and row["rank"] == r:
                 row["closed_form_error"] = closed[row["lam_rel"]]
@@ -164,76 +199,133 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     big = df[df["eckart_young"] >= MIN_BOUND]
     out = big.groupby(["method", "lam_rel"])["ratio"].agg(["mean", "max", "count"])
     out["median_all"] = df.groupby(["method", "lam_rel"])["ratio"].median()
-    out["mean_excess"] = (df["error"] - df["eckart_young"]).groupby(
-        [df["method"], df["lam_rel"]]).mean()
+    out["mean_excess"] = (df["error"] - df["eckart_young"]).groupby([df["method"], df["lam_rel"]]).mean()
     return out.sort_values("mean")
 
 
+METHOD_LABELS = {
+    "svd": "truncated SVD (exact: the bound)",
+    "randomized_svd": "randomized SVD",
+    "random_projection": "random projection W Q Qᵀ",
+    "lora_adam": "LoRA init + Adam",
+}
+MATRIX_TITLES = {
+    "synthetic.power_law": "synthetic σᵢ = 1/i",
+    "synthetic.exponential": "synthetic σᵢ = 0.9ⁱ",
+    "synthetic.flat": "synthetic σᵢ = 1",
+}
+MODULES = {"intermediate.dense": "FFN up", "output.dense": "FFN down"}  # MiniLM's BERT names
+
+
 def _method_label(method: str, lam_rel: float) -> str:
-    return method if method not in ("gd_uv", "closed_form") else f"{method} λ={lam_rel:g}σ₁"
+    """How the figure names a method (at λ = ``lam_rel``·σ₁ for the two regularised ones)."""
+    lam = "λ = 0" if lam_rel == 0 else f"λ = {lam_rel:g}σ₁"
+    if method == "gd_uv":
+        return f"GD on UVᵀ + λ‖·‖², {lam}"
+    if method == "closed_form":
+        return f"closed form ({lam})"
+    return METHOD_LABELS.get(method, method)
 
 
-def figure(df: pd.DataFrame, stem: str | os.PathLike,
-                   matrices: Sequence[str] | None = None) -> list[Path]:
-    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for a few matrices (the Eckart–Young bound a
-    black line, closed forms dashed in their gradient-descent colour), then a summary panel:
-    mean ratio to Eckart–Young per method over every matrix and rank where the bound is at
-    least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by the step budget)."""
-    if matrices is None:  # the synthetic spectra, then the first attention and MLP matrix
+def _matrix_title(name: str, rows: int, cols: int) -> str:
+    """``minilm.layer.0.attention.self.query`` → "MiniLM L0 query, 384×384", the feed-forward
+    layers as FFN up and down."""
+    short = MATRIX_TITLES.get(name) or (
+        name.replace("minilm.layer.", "MiniLM L", 1).replace("attention.self.", "").replace(".", " ", 1)
+    )
+    for part, plain in MODULES.items():
+        short = short.replace(part, plain)
+    return f"{short}, {rows}×{cols}"
+
+
+def figure(df: pd.DataFrame, stem: str | os.PathLike, matrices: Sequence[str] | None = None) -> list[Path]:
+    """Relative error ‖W − Ŵ_r‖_F/‖W‖_F vs rank for every matrix of ``df`` (or ``matrices``;
+    the Eckart–Young bound a black line, closed forms dashed in their gradient-descent colour),
+    then a summary panel: mean ratio to Eckart–Young per method over every matrix and rank where
+    the bound is at least ``MIN_BOUND`` (below it the ratio of two tiny errors is dominated by
+    the step budget)."""
+    if matrices is None:  # the synthetic spectra, then the MiniLM weights, in the CSV's order
         names = list(dict.fromkeys(df["matrix"]))
-        syn = [n for n in names if n.startswith("synthetic.")]
-        attn = [n for n in names if ".attention." in n][:1]
-        mlp = [n for n in names if n.startswith("minilm.") and ".attention." not in n][:1]
-        matrices = syn + attn + mlp
+        matrices = [n for n in names if n.startswith("synthetic.")] + [
+            n for n in names if not n.startswith("synthetic.")
+        ]
     df = df.assign(label=[_method_label(m, c) for m, c in zip(df["method"], df["lam_rel"])])
-    gd = [_method_label("gd_uv", c) for c in sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())]
-    others = [m for m in ("svd", "randomized_svd", "random_projection", "lora_adam")
-              if m in set(df["method"])]
+    lams = sorted(df.loc[df["method"] == "gd_uv", "lam_rel"].unique())
+    gd = [_method_label("gd_uv", c) for c in lams]
+    others = [
+        m for m in ("svd", "randomized_svd", "random_projection", "lora_adam") if m in set(df["method"])
+    ]
     palette = [c for c in plots.OKABE_ITO if c != "#000000"]  # black is the Eckart–Young line
-    styles = {m: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i]}
-              for i, m in enumerate(others + gd)}
-    for g in gd:
-        styles[g.replace("gd_uv", "closed_form")] = {"color": styles[g]["color"], "ls": "--",
-                                                     "marker": "", "lw": 0.8}
-    styles["svd"] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
-    n = len(matrices) + 1
+    styles = {
+        lab: {"color": palette[i % len(palette)], "marker": plots.MARKERS[i]}
+        for i, lab in enumerate([_method_label(m, 0.0) for m in others] + gd)
+    }
+    for c, g in zip(lams, gd):
+        styles[_method_label("closed_form", c)] = {
+            "color": styles[g]["color"],
+            "ls": "--",
+            "marker": "",
+            "lw": 0.8,
+        }
+    svd = _method_label("svd", 0.0)
+    if svd in styles:
+        styles[svd] |= {"ls": "", "marker": "o", "mfc": "none", "markersize": 6}
     cols = 3
-    with plots.panels((n + cols - 1) // cols, cols, 2.1 * ((n + 2) // 3)) as (fig, axes):
-        flat = axes.ravel()
+    rows = -(-len(matrices) // cols)
+    free = rows * cols - len(matrices)  # empty slots of the last row: the legend goes there
+    with plots.panels(
+        rows + 1, cols, 1.9 * rows + 1.9, gridspec_kw={"height_ratios": [1] * rows + [1.15]}
+    ) as (fig, axes):
+        flat = list(axes.ravel())
         for ax, name in zip(flat, matrices):
             sub = df[df["matrix"] == name]
             ey = sub.groupby("rank")["eckart_young"].first()
-            ax.plot(ey.index, ey.to_numpy(), color="black", lw=1.6, label="Eckart–Young bound",
-                    zorder=1)
+            ax.plot(ey.index, ey.to_numpy(), color="black", lw=1.6, label="Eckart–Young bound", zorder=1)
             for lab, st in styles.items():
                 g = sub[sub["label"] == lab].sort_values("rank")
-                if len(g) and not (lab.startswith("closed_form") and g["lam_rel"].iloc[0] == 0):
+                if len(g) and not (g["method"].iloc[0] == "closed_form" and g["lam_rel"].iloc[0] == 0):
                     ax.plot(g["rank"], g["error"], label=lab, zorder=2, **st)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            short = name.replace("minilm.layer.", "MiniLM L").replace("attention.self.", "")
-            ax.set_title(f"{short} ({sub['rows'].iloc[0]}×{sub['cols'].iloc[0]})")
+            ax.set_title(_matrix_title(name, sub["rows"].iloc[0], sub["cols"].iloc[0]))
             ax.set_xlabel("rank r")
             ax.set_ylabel(r"$\|W-\hat W_r\|_F/\|W\|_F$")
-        ax = flat[len(matrices)]
+        gs = axes[0, 0].get_subplotspec().get_gridspec()
+        for extra in flat[len(matrices) :]:
+            extra.remove()
+        drawn = flat[: len(matrices)]
+        blank = fig.add_subplot(gs[rows - 1, cols - free :]) if free else None
+        ax = fig.add_subplot(gs[rows, 1:])  # its method names reach into the empty first column
         mean = df[df["eckart_young"] >= MIN_BOUND].groupby("label")["ratio"].mean()
         order = [lab for lab in styles if lab in mean.index]
-        ax.barh(range(len(order)), [mean[lab] for lab in order],
-                color=[styles[lab]["color"] for lab in order])
+        ax.barh(
+            range(len(order)), [mean[lab] for lab in order], color=[styles[lab]["color"] for lab in order]
+        )
         ax.set_yticks(range(len(order)), order)
         ax.invert_yaxis()
         for y, lab in enumerate(order):
-            ax.annotate(f"{mean[lab]:.3f}", (mean[lab], y), xytext=(2, 0), fontsize=6,
-                        textcoords="offset points", va="center")
+            ax.annotate(
+                f"{mean[lab]:.3f}",
+                (mean[lab], y),
+                xytext=(2, 0),
+                fontsize=6,
+                textcoords="offset points",
+                va="center",
+            )
         ax.axvline(1.0, color="black", lw=1.0)
         ax.set_xscale("log")
         ax.set_xlim(0.9, mean.max() * 2)
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"mean error / Eckart–Young (bound ≥ {MIN_BOUND:g})")
-        for extra in flat[n:]:
-            extra.set_visible(False)
-        plots.legend_below(fig, axes, max_cols=4)
+        ax.set_xlabel(f"mean error / Eckart–Young error (where the bound ≥ {MIN_BOUND:g})")
+        ax.set_ylabel("method")
+        ax.yaxis.set_in_layout(False)
+        ax.set_title("every matrix and rank: ratio to the bound")
+        plots.letter_panels([*drawn, ax])
+        if blank is not None:
+            plots.legend_in(blank, drawn, ncol=free)
+        else:
+            plots.legend_below(fig, np.array(drawn), max_cols=3)
         return plots.save(fig, stem)
 
 
@@ -246,8 +338,7 @@ def measure_all(args: argparse.Namespace) -> pd.DataFrame:
         rows += measure(name, kind, W, args)
         write_atomic(pd.DataFrame(rows), args.out)
         if not args.quiet:
-            print(f"{name} {tuple(W.shape)} done ({time.perf_counter() - args.start:.0f} s)",
-                  file=sys.stderr)
+            print(f"{name} {tuple(W.shape)} done ({time.perf_counter() - args.start:.0f} s)", file=sys.stderr)
     return pd.DataFrame(rows)
 
 

@@ -44,8 +44,7 @@ MODES = ("none", "fgsm", "pgd")  # training modes: plain fine-tuning, FGSM or PG
 MODE_NAMES = {"none": "plain fine-tuning", "fgsm": "FGSM training", "pgd": "PGD training"}
 TASKS = ("mnist", "digits")  # the tasks whose input (pixels in [0, 1]) an L∞ ε is meaningful for
 MAX_RANK = {"mnist": 10, "digits": 64}  # smallest side of an adapted layer (mnist: out 10×256)
-TASK_OPTIONS = {"mnist": {"shift": "rotate", "angle": 45.0, "n_train": 10_000, "n_eval": 5_000},
-                "digits": {}}
+TASK_OPTIONS = {"mnist": {"shift": "rotate", "angle": 45.0, "n_train": 10_000, "n_eval": 5_000}, "digits": {}}
 DEFAULTS = {
     "task": ["mnist"],
     "variants": ["full", "lora", "pissa", "random_alignment", "dora", "vera"],
@@ -56,8 +55,7 @@ DEFAULTS = {
     "batch_size": 64,
 }
 QUICK = {"variants": ["full", "lora"], "seeds": 1, "lr_grid": [1e-2], "steps": 150}
-QUICK_TASK_OPTIONS = {"mnist": {**TASK_OPTIONS["mnist"], "n_train": 2_000, "n_eval": 1_000},
-                      "digits": {}}
+QUICK_TASK_OPTIONS = {"mnist": {**TASK_OPTIONS["mnist"], "n_train": 2_000, "n_eval": 1_000}, "digits": {}}
 COLUMNS = {"clean": "test_clean_accuracy", "fgsm": "test_fgsm_accuracy", "pgd": "test_pgd_accuracy"}
 
 
@@ -68,20 +66,44 @@ EPILOG = "The default took 28 min on 2 CPU cores shared with other jobs (an esti
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS, epilog=EPILOG)
     p.add_argument("--task", nargs="+", help=f"tasks, from {', '.join(TASKS)}")
-    p.add_argument("--task-options", type=study.json_object, default={}, metavar="JSON",
-                   help="options for every task on top of the study's (mnist: "
-                        f"{json.dumps(TASK_OPTIONS['mnist'])}), e.g. '{{\"shift\": \"permute\"}}'")
+    p.add_argument(
+        "--task-options",
+        type=study.json_object,
+        default={},
+        metavar="JSON",
+        help="options for every task on top of the study's (mnist: "
+        f'{json.dumps(TASK_OPTIONS["mnist"])}), e.g. \'{{"shift": "permute"}}\'',
+    )
     p.add_common("variants", ranks="ranks r (mnist: at most 10, its output layer is 10×256)")
-    p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help=f"training modes, from {', '.join(MODES)} (none: no adversarial term)")
-    p.add_argument("--eps", type=float, default=0.1,
-                   help="L∞ radius ε in pixel units (pixels in [0, 1]) for training and attacks")
-    p.add_argument("--adv-weight", type=float, default=0.5,
-                   help="weight w of the adversarial loss: (1 − w)·clean + w·adversarial")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help=f"training modes, from {', '.join(MODES)} (none: no adversarial term)",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=0.1,
+        help="L∞ radius ε in pixel units (pixels in [0, 1]) for training and attacks",
+    )
+    p.add_argument(
+        "--adv-weight",
+        type=float,
+        default=0.5,
+        help="weight w of the adversarial loss: (1 − w)·clean + w·adversarial",
+    )
     p.add_argument("--adv-steps", type=study.positive_int, default=3, help="PGD steps during training")
-    p.add_common("seeds", "lr_grid", "steps", "batch_size", "workers", "threads",
-                 lr_grid="learning rates searched per (variant, rank, mode) on dev clean accuracy",
-                 threads="torch threads of this process (with --workers 1 the runs happen here)")
+    p.add_common(
+        "seeds",
+        "lr_grid",
+        "steps",
+        "batch_size",
+        "workers",
+        "threads",
+        lr_grid="learning rates searched per (variant, rank, mode) on dev clean accuracy",
+        threads="torch threads of this process (with --workers 1 the runs happen here)",
+    )
     args = p.parse_args(argv)
     for m in args.modes:
         if m not in MODES:
@@ -92,11 +114,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         valid = set(inspect.signature(lr.tasks.task_class(t).__init__).parameters) - {"self"}
         bad = sorted(set(args.task_options) - valid)
         if bad:
-            p.error(f"--task-options key {bad[0]!r} is unknown for task {t!r}; "
-                    f"valid keys: {', '.join(sorted(valid))}")
+            p.error(
+                f"--task-options key {bad[0]!r} is unknown for task {t!r}; "
+                f"valid keys: {', '.join(sorted(valid))}"
+            )
         if max(args.ranks) > MAX_RANK[t]:
-            p.error(f"--ranks {max(args.ranks)} is too large for {t}, whose smallest adapted layer "
-                    f"has {MAX_RANK[t]} rows or columns; choose ranks ≤ {MAX_RANK[t]}")
+            p.error(
+                f"--ranks {max(args.ranks)} is too large for {t}, whose smallest adapted layer "
+                f"has {MAX_RANK[t]} rows or columns; choose ranks ≤ {MAX_RANK[t]}"
+            )
     if not 0 <= args.eps <= 1:
         p.error(f"--eps {args.eps} is not a pixel radius; choose ε in [0, 1], such as 0.1")
     if not 0 <= args.adv_weight <= 1:
@@ -107,14 +133,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def specs(args: argparse.Namespace, mode: str) -> list[RunSpec]:
     """One spec per (task, variant, rank) in training ``mode``, measuring robust accuracy."""
     # dev is evaluated once, after the last step: the learning rate is chosen on the final model
-    train = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps,
-             "adversarial": None if mode == "none" else mode, "adv_eps": args.eps,
-             "adv_weight": args.adv_weight, "adv_steps": args.adv_steps}
+    train = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_every": args.steps,
+        "adversarial": None if mode == "none" else mode,
+        "adv_eps": args.eps,
+        "adv_weight": args.adv_weight,
+        "adv_steps": args.adv_steps,
+    }
     out = []
     for task in args.task:
         options = {**(QUICK_TASK_OPTIONS if args.quick else TASK_OPTIONS)[task], **args.task_options}
-        out += study.search_specs(task, args.variants, args.ranks, train, task_options=options,
-                                  measure=("robustness",))
+        out += study.search_specs(
+            task, args.variants, args.ranks, train, task_options=options, measure=("robustness",)
+        )
     return out
 
 
@@ -168,11 +201,20 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     if not tasks:
         raise ValueError("no finished runs to plot; run the sweep first")
     modes = [m for m in ("none", "fgsm", "pgd") if m in set(df["mode"])]
-    evals = [("test_clean_accuracy", "clean"), ("test_fgsm_accuracy", "FGSM"),
-             ("test_pgd_accuracy", "PGD-10")]
-    df = df.assign(config=[v if pd.isna(r) else f"{v} r{int(r)}" for v, r in zip(df["variant"], df["rank"])])
+    evals = [
+        ("test_clean_accuracy", "clean"),
+        ("test_fgsm_accuracy", "FGSM"),
+        ("test_pgd_accuracy", "PGD-10"),
+    ]
     free = study.rank_free(df["variant"])
-    configs = sorted(dict.fromkeys(df["config"]), key=lambda c: c not in free)  # stable: full first
+    df = df.assign(
+        config=[plots.label(v, r) for v, r in zip(df["variant"], df["rank"])], free=df["variant"].isin(free)
+    )
+    configs = list(
+        dict.fromkeys(  # full fine-tuning first
+            df.sort_values("free", ascending=False, kind="stable")["config"]
+        )
+    )
     offset = {m: (i - (len(modes) - 1) / 2) * 0.22 for i, m in enumerate(modes)}
     with plots.panels(len(tasks), 3, 0.32 * len(configs) * len(tasks) + 1.0, sharey=True) as (fig, axes):
         for row, task in zip(axes, tasks):
@@ -182,15 +224,28 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
                 for i, m in enumerate(modes):
                     g = sub[sub["mode"] == m].groupby("config")[col].agg(["mean", "std"])
                     ys = [configs.index(c) + offset[m] for c in g.index]
-                    ax.errorbar(g["mean"], ys, xerr=g["std"].fillna(0), ls="", capsize=1.5,
-                                color=plots.OKABE_ITO[i], marker=plots.MARKERS[i], label=MODE_NAMES[m])
+                    ax.errorbar(
+                        g["mean"],
+                        ys,
+                        xerr=g["std"].fillna(0),
+                        ls="",
+                        capsize=1.5,
+                        color=plots.OKABE_ITO[i],
+                        marker=plots.MARKERS[i],
+                        label=MODE_NAMES[m],
+                    )
                 ax.set_xlim(-0.02, 1.02)
                 ax.set_xlabel(f"test accuracy, {name}" + ("" if name == "clean" else f" (ε = {eps})"))
                 ax.set_title(f"{task}: {name}")
                 ax.grid(axis="y", visible=False)
             row[0].set_yticks(range(len(configs)), configs)
+            row[0].set_ylabel("variant (trained with each mode)")
         axes[0, 0].invert_yaxis()  # shared y: once for all panels; full on top
-        plots.legend_below(fig, axes, max_cols=len(modes))
+        axes[0, 0].plot(
+            [], [], ls="none", marker="_", color="0.3", markersize=8, label="error bars: ± std over seeds"
+        )
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=len(modes) + 1)
         return plots.save(fig, stem)
 
 
@@ -205,13 +260,17 @@ def report(rows: pd.DataFrame) -> None:
     """Print the accuracies (:func:`summary`) and what adversarial training changes (:func:`effects`)."""
     table = summary(rows)
     with pd.option_context("display.max_rows", 200, "display.width", 150):
-        print("test accuracy, mean and std over seeds (robust_eps = "
-              f"{', '.join(f'{e:g}' for e in sorted(rows['robust_eps'].unique()))}):")
+        print(
+            "test accuracy, mean and std over seeds (robust_eps = "
+            f"{', '.join(f'{e:g}' for e in sorted(rows['robust_eps'].unique()))}):"
+        )
         print(table.round(3).to_string())
         fx = effects(table)
         if len(fx):
-            print("\nadversarial training vs plain fine-tuning (gain: robust accuracy under the "
-                  "training attack; clean_cost: clean accuracy lost):")
+            print(
+                "\nadversarial training vs plain fine-tuning (gain: robust accuracy under the "
+                "training attack; clean_cost: clean accuracy lost):"
+            )
             print(fx.round(3).to_string())
 
 
@@ -219,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     rows = study.results(args, lambda: run(args), tuned=True)  # each (…, mode) at its own lr
-    return study.finish(args, figure, rows, report=report, lr_search=searched(args.out),
-                        lr_panels={"col": "training"})
+    return study.finish(
+        args, figure, rows, report=report, lr_search=searched(args.out), lr_panels={"col": "training"}
+    )
 
 
 if __name__ == "__main__":

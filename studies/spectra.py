@@ -43,15 +43,36 @@ from lowrank.sweep import RunSpec, read_results, tuned_rows
 
 # the text rows, in results/: the full-size downstream run when there is one, else the default
 DEFAULT_INCLUDES = ["downstream_paper.csv", "downstream.csv"]
-DEFAULTS = {"task": ["digits"], "variants": lr.variants(), "ranks": [1, 4, 16, 64], "seeds": 3,
-            "steps": 300, "batch_size": 64}
-QUICK = {"variants": ["full", "lora", "pissa", "vera", "adalora", "dora", "loha"],
-         "ranks": [1, 4], "seeds": 1, "lr_grid": [3e-2], "steps": 100}
+DEFAULTS = {
+    "task": ["digits"],
+    "variants": lr.variants(),
+    "ranks": [1, 4, 16, 64],
+    "seeds": 3,
+    "steps": 300,
+    "batch_size": 64,
+}
+QUICK = {
+    "variants": ["full", "lora", "pissa", "vera", "adalora", "dora", "loha"],
+    "ranks": [1, 4],
+    "seeds": 1,
+    "lr_grid": [3e-2],
+    "steps": 100,
+}
 NUMERICAL_TOL = 1e-5  # σᵢ/σ₁ above this counts towards the numerical rank
 # full fine-tuning's W − W₀ (and any variant without a rank) in every panel
 FULL_STYLE = {"color": plots.REFERENCE["color"], "ls": "--", "lw": 1.0}
-LAYER_COLUMNS = ["effective_rank", "eff_rank_over_r", "rank90", "stable_rank", "energy_in_rank",
-                 "numerical_rank", "fro_norm", "w0_norm", "intruders", "test_score"]
+LAYER_COLUMNS = [
+    "effective_rank",
+    "eff_rank_over_r",
+    "rank90",
+    "stable_rank",
+    "energy_in_rank",
+    "numerical_rank",
+    "fro_norm",
+    "w0_norm",
+    "intruders",
+    "test_score",
+]
 
 
 PRESETS = {"quick": ("tiny smoke run (< 1 min), no text rows", QUICK)}
@@ -61,18 +82,36 @@ EPILOG = "The default run takes 435 CPU seconds: about 4 minutes on 2 idle cores
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = study.parser(__file__, __doc__, defaults=DEFAULTS, presets=PRESETS, out=OUT, epilog=EPILOG)
-    p.add_argument("--task", nargs="+", type=study.task, metavar="TASK",
-                   help=f"tasks trained here, from {', '.join(lr.tasks.names())}")
+    p.add_argument(
+        "--task",
+        nargs="+",
+        type=study.task,
+        metavar="TASK",
+        help=f"tasks trained here, from {', '.join(lr.tasks.names())}",
+    )
     p.add_common("variants", "ranks", "seeds", "lr_grid", "steps", "batch_size")
-    p.add_argument("--spectrum-rank", type=study.positive_int, default=16,
-                   help="the rank whose spectra the figure draws (the nearest rank present)")
-    p.add_argument("--include", nargs="*", type=Path, default=None, metavar="CSV",
-                   help="other sweep CSVs whose dev-tuned rows with a `weights` column are folded "
-                        f"in (default: results/{DEFAULT_INCLUDES[0]}, else "
-                        f"results/{DEFAULT_INCLUDES[1]}, if either exists; none with --quick)")
-    p.add_common("workers", threads="torch threads of the main process (runs there when --workers "
-                                    "1); small MLPs gain nothing from more, and on a busy machine "
-                                    "lose a lot")
+    p.add_argument(
+        "--spectrum-rank",
+        type=study.positive_int,
+        default=16,
+        help="the rank whose spectra the figure draws (the nearest rank present)",
+    )
+    p.add_argument(
+        "--include",
+        nargs="*",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="other sweep CSVs whose dev-tuned rows with a `weights` column are folded "
+        f"in (default: results/{DEFAULT_INCLUDES[0]}, else "
+        f"results/{DEFAULT_INCLUDES[1]}, if either exists; none with --quick)",
+    )
+    p.add_common(
+        "workers",
+        threads="torch threads of the main process (runs there when --workers "
+        "1); small MLPs gain nothing from more, and on a busy machine "
+        "lose a lot",
+    )
     args = p.parse_args(argv)
     args.runs = args.out.with_name(f"{args.out.stem}_runs.csv")
     args.resumes.append(args.runs)
@@ -80,12 +119,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         defaults = [p.results / name for name in DEFAULT_INCLUDES]
         args.include = [] if args.quick else [path for path in defaults if path.exists()][:1]
         if not (args.quick or args.plot_only or args.include):
-            print(f"note: neither {' nor '.join(map(str, defaults))} exists; no text "
-                  "rows to fold in", file=sys.stderr)
+            print(
+                f"note: neither {' nor '.join(map(str, defaults))} exists; no text rows to fold in",
+                file=sys.stderr,
+            )
     for path in args.include:
         if not path.is_file():
-            p.error(f"--include {path} does not exist; pass the CSV of a sweep run with "
-                    "measure=('weights',)")
+            p.error(f"--include {path} does not exist; pass the CSV of a sweep run with measure=('weights',)")
     return args
 
 
@@ -123,46 +163,82 @@ def spectra_table(runs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for row in runs.to_dict("records"):
         rank = None if pd.isna(row["rank"]) else int(row["rank"])
-        key = {"task": row["task"], "dataset": _dataset(row.get("task_options")),
-               "variant": row["variant"], "rank": rank, "seed": int(row["seed"]),
-               "lr": row["lr"], "run_id": row["run_id"]}
+        key = {
+            "task": row["task"],
+            "dataset": _dataset(row.get("task_options")),
+            "variant": row["variant"],
+            "rank": rank,
+            "seed": int(row["seed"]),
+            "lr": row["lr"],
+            "run_id": row["run_id"],
+        }
         score = row.get(f"test_{row['metric']}", math.nan)
         for layer, rep in json.loads(row["weights"]).items():
             sv = rep["sv"]
             total = rep["fro_norm"] ** 2
-            base = {**key, "layer": layer, "out_features": rep["shape"][0],
-                    "in_features": rep["shape"][1]}
+            base = {**key, "layer": layer, "out_features": rep["shape"][0], "in_features": rep["shape"][1]}
             numerical = sum(s > NUMERICAL_TOL * sv[0] for s in sv) if sv and sv[0] > 0 else 0
-            out.append({**base, "kind": "layer", "n_sv": len(sv),
-                        **{k: rep[k] for k in ("effective_rank", "rank90", "stable_rank",
-                                               "fro_norm", "w0_norm", "intruders")},
-                        # the adapter's own r; full's report counts all min(out, in) directions
-                        "energy_in_rank": rep["energy_in_rank"] if rank else math.nan,
-                        "eff_rank_over_r": rep["effective_rank"] / rank if rank else math.nan,
-                        "numerical_rank": numerical, "metric": row["metric"], "test_score": score})
+            out.append(
+                {
+                    **base,
+                    "kind": "layer",
+                    "n_sv": len(sv),
+                    **{
+                        k: rep[k]
+                        for k in (
+                            "effective_rank",
+                            "rank90",
+                            "stable_rank",
+                            "fro_norm",
+                            "w0_norm",
+                            "intruders",
+                        )
+                    },
+                    # the adapter's own r; full's report counts all min(out, in) directions
+                    "energy_in_rank": rep["energy_in_rank"] if rank else math.nan,
+                    "eff_rank_over_r": rep["effective_rank"] / rank if rank else math.nan,
+                    "numerical_rank": numerical,
+                    "metric": row["metric"],
+                    "test_score": score,
+                }
+            )
             cum = 0.0
             for i, s in enumerate(sv, start=1):
                 cum += s * s
-                out.append({**base, "kind": "sv", "i": i, "sigma": s,
-                            "sigma_rel": s / sv[0] if sv[0] > 0 else 0.0,
-                            "energy": cum / total if total > 0 else 1.0})
+                out.append(
+                    {
+                        **base,
+                        "kind": "sv",
+                        "i": i,
+                        "sigma": s,
+                        "sigma_rel": s / sv[0] if sv[0] > 0 else 0.0,
+                        "energy": cum / total if total > 0 else 1.0,
+                    }
+                )
     return pd.DataFrame(out)
 
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per task, variant, rank and layer: mean over seeds of the layer rows."""
     layers = table[table["kind"] == "layer"]
-    return (layers.groupby(["task", "dataset", "variant", "rank", "layer"], dropna=False, sort=False)
-            [LAYER_COLUMNS].mean().assign(seeds=layers.groupby(
-                ["task", "dataset", "variant", "rank", "layer"], dropna=False, sort=False).size()))
+    return (
+        layers.groupby(["task", "dataset", "variant", "rank", "layer"], dropna=False, sort=False)[
+            LAYER_COLUMNS
+        ]
+        .mean()
+        .assign(
+            seeds=layers.groupby(
+                ["task", "dataset", "variant", "rank", "layer"], dropna=False, sort=False
+            ).size()
+        )
+    )
 
 
 def full_energy(table: pd.DataFrame, ranks: list[int]) -> pd.DataFrame:
     """Full fine-tuning's share of ‖ΔW‖²_F in its top r directions, per r (mean over seeds)."""
     free = table["variant"].isin(study.rank_free(table["variant"]))
     sv = table[(table["kind"] == "sv") & free & table["i"].isin(ranks)]
-    return sv.pivot_table(index=["task", "dataset", "layer"], columns="i", values="energy",
-                          aggfunc="mean")
+    return sv.pivot_table(index=["task", "dataset", "layer"], columns="i", values="energy", aggfunc="mean")
 
 
 def ba_family(names: list[str]) -> list[str]:
@@ -171,8 +247,9 @@ def ba_family(names: list[str]) -> list[str]:
     return [v for v in names if lr.variant_class(v).delta_weight is lr.LowRankAdapter.delta_weight]
 
 
-def _spectrum_panel(ax, S: pd.DataFrame, names: list[str], free: set[str], styles: dict,
-                    r_star: int | None, title: str) -> None:
+def _spectrum_panel(
+    ax, S: pd.DataFrame, names: list[str], free: set[str], styles: dict, r_star: int | None, title: str
+) -> None:
     """σᵢ/σ₁ vs i of the variants ``names`` at rank ``r_star`` (the rank-free ones at theirs):
     median over layers and seeds, interquartile band."""
     for v in names:
@@ -181,10 +258,11 @@ def _spectrum_panel(ax, S: pd.DataFrame, names: list[str], free: set[str], style
             continue
         q = g.groupby("i")["sigma_rel"].quantile([0.25, 0.5, 0.75]).unstack().clip(lower=1e-9)
         st = FULL_STYLE if v in free else {**styles[v], "markevery": 8, "markersize": 3}
-        ax.plot(q.index, q[0.5], label="full fine-tuning" if v in free else v, **st)
+        ax.plot(q.index, q[0.5], label=plots.label(v), **st)
         ax.fill_between(q.index, q[0.25], q[0.75], color=st["color"], alpha=0.15, lw=0)
     if r_star:
-        ax.axvline(r_star, color="0.5", ls=":", lw=0.8)
+        ax.axvline(r_star, color="0.5", ls=":", lw=0.8, label="i = r (rank drawn)")
+    ax.fill_between([], [], [], color="0.5", alpha=0.3, lw=0, label="σ band: quartiles over layers, seeds")
     ax.set_yscale("log")
     ax.set_ylim(1e-9, 2)
     ax.set_xlabel("index i")
@@ -192,19 +270,36 @@ def _spectrum_panel(ax, S: pd.DataFrame, names: list[str], free: set[str], style
     ax.set_title(title)
 
 
-def _rank_panel(ax, L: pd.DataFrame, col: str, ranked: list[str], free: set[str], styles: dict,
-                ranks: list[int], ylabel: str, title: str) -> None:
+def _rank_panel(
+    ax,
+    L: pd.DataFrame,
+    col: str,
+    ranked: list[str],
+    free: set[str],
+    styles: dict,
+    ranks: list[int],
+    ylabel: str,
+    title: str,
+) -> None:
     """``col`` (layer mean) vs the allotted rank r: mean ± std over seeds, the rank-free variants
     a band, y = r dotted."""
     per_run = L.groupby(["variant", "rank", "seed"], dropna=False)[col].mean().reset_index()
     s = per_run.groupby(["variant", "rank"], dropna=False)[col].agg(["mean", "std"]).reset_index()
     for _, f in s[s["variant"].isin(free)].iterrows():
-        plots.reference(ax, f["mean"], f["std"], color=FULL_STYLE["color"], lw=FULL_STYLE["lw"])
+        plots.reference(
+            ax,
+            f["mean"],
+            f["std"],
+            label=plots.label(f["variant"]),
+            color=FULL_STYLE["color"],
+            lw=FULL_STYLE["lw"],
+        )
     for v in ranked:
         g = s[s["variant"] == v].sort_values("rank")
         if len(g):
-            ax.errorbar(g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5,
-                        label=v, **styles[v])
+            ax.errorbar(
+                g["rank"], g["mean"], yerr=g["std"].fillna(0), capsize=1.5, label=plots.label(v), **styles[v]
+            )
     if ranks:
         ax.plot(ranks, ranks, color="0.5", ls=":", lw=0.8, label="y = r")
     ax.set_xscale("log", base=2)
@@ -214,15 +309,27 @@ def _rank_panel(ax, L: pd.DataFrame, col: str, ranked: list[str], free: set[str]
     ax.set_title(title)
 
 
+def spectrum_rank_of(L: pd.DataFrame, spectrum_rank: int) -> int | None:
+    """The rank whose spectra a row of the figure draws: of the ranks that the most variants of
+    the layer rows ``L`` were run at, the one nearest ``spectrum_rank`` (on a log scale; ties: the
+    larger). A sweep of several ranks per variant gives ``spectrum_rank`` if it ran it; one that
+    ran most variants at a single rank (the downstream runs: r = 8) gives that rank, not the one
+    rank a single variant's budget came to."""
+    counts = L.dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
+    if counts.empty:
+        return None
+    best = [int(r) for r, n in counts.items() if n == counts.max()]
+    return min(best, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r))
+
+
 def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
-    """One row per task: σᵢ/σ₁ of ΔW vs i at the rank nearest ``spectrum_rank`` for the B·A
-    family (:func:`ba_family`) and for the other variants (median over layers and seeds,
+    """One row per task: σᵢ/σ₁ of ΔW vs i for the B·A family (:func:`ba_family`) and for the
+    other variants at the rank :func:`spectrum_rank_of` picks (median over layers and seeds,
     interquartile band; full fine-tuning's W − W₀ in black), then effective rank and rank90 vs r
     (layer mean; mean ± std over seeds; full fine-tuning a band, y = r dotted). ``df`` is the
     spectra study's table."""
     lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
-    names = [t if not isinstance(d, str) or not d else f"{t} ({d})"
-             for t, d in zip(df["task"], df["dataset"])]
+    names = [t if not isinstance(d, str) or not d else str(d) for t, d in zip(df["task"], df["dataset"])]
     df = df.assign(_task=names)
     lay, sv = df.loc[lay.index], df.loc[sv.index]
     tasks = list(dict.fromkeys(lay["_task"]))
@@ -237,14 +344,18 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
         for row, task in zip(axes, tasks):
             L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
             ranks = sorted({int(r) for r in L["rank"].dropna()})
-            r_star = min(ranks, key=lambda r: (abs(np.log2(r / spectrum_rank)), -r)) if ranks else None
+            r_star = spectrum_rank_of(L, spectrum_rank)
             for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
-                _spectrum_panel(ax, S, [*sorted(free), *group], free, styles, r_star,
-                                f"{task}: {title}, r = {r_star}")
-            for ax, col, ylabel in ((row[2], "effective_rank", "effective rank of ΔW"),
-                                    (row[3], "rank90", "rank for 90 % energy")):
-                _rank_panel(ax, L, col, ranked, free, styles, ranks, ylabel, f"{task}, layer mean")
-        plots.legend_below(fig, axes, max_cols=7)
+                _spectrum_panel(
+                    ax, S, [*sorted(free), *group], free, styles, r_star, f"{task}: {title}, r = {r_star}"
+                )
+            for ax, col, ylabel, title in (
+                (row[2], "effective_rank", "effective rank of ΔW", "effective rank"),
+                (row[3], "rank90", "rank for 90 % energy", "rank90"),
+            ):
+                _rank_panel(ax, L, col, ranked, free, styles, ranks, ylabel, f"{task}: {title}")
+        plots.letter_panels(axes)
+        plots.legend_below(fig, axes, max_cols=5)
         return plots.save(fig, stem)
 
 
@@ -271,8 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     table = study.results(args, lambda: run(args), key=None)
-    return study.finish(args, figure, table, report=report, write=not args.plot_only,
-                        lr_search=read_results(args.runs), spectrum_rank=args.spectrum_rank)
+    return study.finish(
+        args,
+        figure,
+        table,
+        report=report,
+        write=not args.plot_only,
+        lr_search=read_results(args.runs),
+        spectrum_rank=args.spectrum_rank,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ import lowrank as lr
 from lowrank import plots, study
 from lowrank.train import TrainConfig, train
 
-DEFAULTS = {"ranks": [1, 2, 4, 8, 16, 32, 64], "small": 8, "large": 64, "steps": 1000, "lr": 1e-2,
-            "batch_size": 64}
+DEFAULTS = {
+    "ranks": [1, 2, 4, 8, 16, 32, 64],
+    "small": 8,
+    "large": 64,
+    "steps": 1000,
+    "lr": 1e-2,
+    "batch_size": 64,
+}
 QUICK = {"ranks": [2, 8, 16], "large": 16, "steps": 60}
 
 
@@ -48,8 +54,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_common("steps", "batch_size", "threads")
     args = p.parse_args(argv)
     if args.small > args.large:
-        p.error(f"--small {args.small} is above --large {args.large}; the small rank of φ must "
-                "be at most the large one")
+        p.error(
+            f"--small {args.small} is above --large {args.large}; the small rank of φ must "
+            "be at most the large one"
+        )
     args.ranks = sorted(set(args.ranks) | {args.small, args.large})
     return args
 
@@ -57,8 +65,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run_lora(task, rank: int, seed: int, args: argparse.Namespace) -> tuple[dict, dict]:
     """Train LoRA at ``rank``; return {layer: adapter} and the test metrics."""
     model = lr.inject(task.pretrained(), "lora", targets=task.targets, rank=rank, seed=seed)
-    res = train(model, task, TrainConfig(steps=args.steps, lr=args.lr, seed=seed,
-                                         batch_size=args.batch_size, quiet=True))
+    res = train(
+        model,
+        task,
+        TrainConfig(steps=args.steps, lr=args.lr, seed=seed, batch_size=args.batch_size, quiet=True),
+    )
     return lr.adapters(model), res.metrics
 
 
@@ -68,9 +79,17 @@ def phi_rows(a1: dict, a2: dict, pair: str) -> list[dict]:
         A1, A2 = a1[layer].A.detach(), a2[layer].A.detach()
         for i in range(1, min(A1.shape) + 1):
             for j in range(1, min(A2.shape) + 1):
-                rows.append({"kind": "phi", "pair": pair, "layer": layer, "i": i, "j": j,
-                             "in_features": A1.shape[1],
-                             "phi": lr.analysis.subspace_similarity(A1, A2, i, j)})
+                rows.append(
+                    {
+                        "kind": "phi",
+                        "pair": pair,
+                        "layer": layer,
+                        "i": i,
+                        "j": j,
+                        "in_features": A1.shape[1],
+                        "phi": lr.analysis.subspace_similarity(A1, A2, i, j),
+                    }
+                )
     return rows
 
 
@@ -80,22 +99,34 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     phi, amp = df[df["kind"] == "phi"], df[df["kind"] == "amplification"]
     layers = list(dict.fromkeys(phi["layer"]))
     pairs = list(dict.fromkeys(phi["pair"]))
-    with plots.panels(len(layers), len(pairs) + 1, 1.9 * len(layers) + 0.3,
-                      gridspec_kw={"width_ratios": [2.2] + [1] * len(pairs)}) as (fig, axes):
+    with plots.panels(
+        len(layers),
+        len(pairs) + 1,
+        1.9 * len(layers) + 0.3,
+        gridspec_kw={"width_ratios": [2.2] + [1] * len(pairs)},
+    ) as (fig, axes):
         image = None
         for row, layer in zip(axes, layers):
             for ax, pair in zip(row, pairs):
                 grid = phi[(phi["layer"] == layer) & (phi["pair"] == pair)].pivot(
-                    index="i", columns="j", values="phi")
-                image = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="viridis",
-                                  aspect="auto", interpolation="nearest",
-                                  extent=(0.5, grid.columns.max() + 0.5, grid.index.max() + 0.5, 0.5))
+                    index="i", columns="j", values="phi"
+                )
+                image = ax.imshow(
+                    grid.to_numpy(float),
+                    vmin=0,
+                    vmax=1,
+                    cmap="viridis",
+                    aspect="auto",
+                    interpolation="nearest",
+                    extent=(0.5, grid.columns.max() + 0.5, grid.index.max() + 0.5, 0.5),
+                )
                 ax.grid(False)
                 ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
                 ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+                first, second = _runs(pair)
                 ax.set_title(f"{layer}: φ, {pair}")
-                ax.set_xlabel("j")
-                ax.set_ylabel("i")
+                ax.set_xlabel(f"j: top-j directions of {second}")
+                ax.set_ylabel(f"i: top-i directions of {first}")
             ax = row[-1]
             g = amp[(amp["layer"] == layer) & (amp["seed"] == 0)].sort_values("rank")
             ax.plot(g["rank"], g["amplification"], color=plots.OKABE_ITO[0], marker=plots.MARKERS[0])
@@ -104,8 +135,18 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
             ax.set_xlabel("rank r")
             ax.set_ylabel(r"$\|\Delta W\|_F / \|U_r^\top W_0 V_r\|_F$")
             ax.set_title(f"{layer}: amplification")
-        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="φ", shrink=0.8)
+        fig.colorbar(image, ax=axes[:, :-1].ravel().tolist(), label="subspace similarity φ(i, j)", shrink=0.8)
+        plots.letter_panels(axes)
         return plots.save(fig, stem)
+
+
+def _runs(pair: str) -> tuple[str, str]:
+    """The two runs a φ pair compares, in words: "r8 vs r64" → ("r = 8", "r = 64"),
+    "r8 seed 0 vs 1" → ("seed 0", "seed 1")."""
+    a, b = pair.split(" vs ")
+    if " seed " in a:
+        return f"seed {a.split()[-1]}", f"seed {b}"
+    return f"r = {a.removeprefix('r')}", f"r = {b.removeprefix('r')}"
 
 
 def train_all(args: argparse.Namespace) -> pd.DataFrame:
@@ -122,17 +163,22 @@ def train_all(args: argparse.Namespace) -> pd.DataFrame:
             if rank > min(dW.shape):
                 continue
             U, _, Vh = torch.linalg.svd(dW.double(), full_matrices=False)
-            rows.append({"kind": "amplification", "layer": layer, "rank": rank, "seed": seed,
-                         "amplification": lr.analysis.amplification(dW, W0, rank),
-                         "dW_norm": float(dW.norm()),
-                         "projected_W_norm": float((U[:, :rank].mT @ W0.double()
-                                                    @ Vh[:rank].mT).norm()),
-                         "W_norm": float(W0.norm()),
-                         "test_accuracy": metrics.get("test_accuracy"),
-                         "seconds": time.perf_counter() - t})
+            rows.append(
+                {
+                    "kind": "amplification",
+                    "layer": layer,
+                    "rank": rank,
+                    "seed": seed,
+                    "amplification": lr.analysis.amplification(dW, W0, rank),
+                    "dW_norm": float(dW.norm()),
+                    "projected_W_norm": float((U[:, :rank].mT @ W0.double() @ Vh[:rank].mT).norm()),
+                    "W_norm": float(W0.norm()),
+                    "test_accuracy": metrics.get("test_accuracy"),
+                    "seconds": time.perf_counter() - t,
+                }
+            )
         if not args.quiet:
-            print(f"r={rank} seed={seed} done ({time.perf_counter() - args.start:.0f} s)",
-                  file=sys.stderr)
+            print(f"r={rank} seed={seed} done ({time.perf_counter() - args.start:.0f} s)", file=sys.stderr)
     rows += phi_rows(runs[args.small, 0], runs[args.large, 0], f"r{args.small} vs r{args.large}")
     rows += phi_rows(runs[args.small, 0], runs[args.small, 1], f"r{args.small} seed 0 vs 1")
     return pd.DataFrame(rows)
@@ -148,8 +194,12 @@ def report(df: pd.DataFrame) -> None:
             print(f"φ {pair}, {layer}:\n{grid[cols].round(3).to_string()}")
         amp = df[df["kind"] == "amplification"]
         print("amplification ‖ΔW‖_F / ‖U_rᵀ W₀ V_r‖_F by rank:")
-        print(amp.astype({"rank": int, "seed": int}).pivot_table(index=["rank", "seed"], columns="layer",
-                              values=["amplification", "test_accuracy"]).round(3).to_string())
+        print(
+            amp.astype({"rank": int, "seed": int})
+            .pivot_table(index=["rank", "seed"], columns="layer", values=["amplification", "test_accuracy"])
+            .round(3)
+            .to_string()
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

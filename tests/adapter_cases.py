@@ -148,8 +148,7 @@ class Net(nn.Module):
             torch.manual_seed(seed)
             shared = nn.Linear(d, d) if share else None
             self.embed = nn.Linear(4, d)
-            self.blocks = nn.ModuleList(
-                [Block(d, shared if share else nn.Linear(d, d)) for _ in range(2)])
+            self.blocks = nn.ModuleList([Block(d, shared if share else nn.Linear(d, d)) for _ in range(2)])
             self.head = nn.Linear(d, classes)
         self.to(dtype)
 

@@ -18,8 +18,12 @@ def load_study(script: str):
 
 def run_study(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``studies/<script> args…`` in a fresh interpreter; the caller checks the exit code."""
-    return subprocess.run([sys.executable, str(STUDIES / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(STUDIES / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_figure(stem: Path) -> None:

@@ -34,9 +34,16 @@ def adalora_net() -> nn.Module:
 
 
 def peft_adalora(base: nn.Module, t_init: int, t_final: int, total: int):
-    cfg = peft.AdaLoraConfig(init_r=INIT, target_r=TARGET, tinit=t_init, tfinal=t_final,
-                             total_step=total, deltaT=1, target_modules=["fc1", "fc2"],
-                             lora_alpha=INIT)
+    cfg = peft.AdaLoraConfig(
+        init_r=INIT,
+        target_r=TARGET,
+        tinit=t_init,
+        tfinal=t_final,
+        total_step=total,
+        deltaT=1,
+        target_modules=["fc1", "fc2"],
+        lora_alpha=INIT,
+    )
     return peft.get_peft_model(base, cfg)
 
 
@@ -44,9 +51,15 @@ def test_budget_schedule_is_cubic():
     alloc = RankAllocator(adalora_net(), TARGET, INIT, t_init=10, t_final=20, total_steps=100)
     b0, bT = 2 * INIT, 2 * TARGET  # two adapted layers
     assert (alloc.init_budget, alloc.target_budget) == (b0, bT)
-    expected = {0: b0, 10: b0, 11: int(bT + (b0 - bT) * (1 - 1 / 70) ** 3),
-                45: int(bT + (b0 - bT) * 0.5**3), 79: int(bT + (b0 - bT) * (1 / 70) ** 3),
-                80: bT, 100: bT}
+    expected = {
+        0: b0,
+        10: b0,
+        11: int(bT + (b0 - bT) * (1 - 1 / 70) ** 3),
+        45: int(bT + (b0 - bT) * 0.5**3),
+        79: int(bT + (b0 - bT) * (1 / 70) ** 3),
+        80: bT,
+        100: bT,
+    }
     assert {t: alloc.budget(t) for t in expected} == expected
     assert expected[45] == 5 and expected[11] == 11
     budgets = [alloc.budget(t) for t in range(101)]
@@ -113,8 +126,7 @@ def test_allocation_agrees_with_peft():
     alloc = RankAllocator(ours, TARGET, INIT, t_init, t_final, total)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 12, generator=gen)
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
-            for m in (ours, theirs)]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (ours, theirs)]
     for step in range(total + 1):
         for m, opt in zip((ours, theirs), opts, strict=True):
             (m(x) - y).square().mean().backward()
@@ -123,8 +135,9 @@ def test_allocation_agrees_with_peft():
         theirs.base_model.update_and_allocate(step)
         for opt in opts:
             opt.zero_grad()
-        peft_lam = torch.cat([theirs.base_model.model.get_submodule(n).lora_E["default"].view(-1)
-                              for n in lr.adapters(ours)])
+        peft_lam = torch.cat(
+            [theirs.base_model.model.get_submodule(n).lora_E["default"].view(-1) for n in lr.adapters(ours)]
+        )
         assert torch.equal(lambdas(ours) == 0, peft_lam == 0), step
         torch.testing.assert_close(lambdas(ours), peft_lam.detach(), rtol=1e-4, atol=1e-6)
 

@@ -144,11 +144,20 @@ def test_num_trainable_matches_the_formula(name, options, bias):
 def test_parameter_formulas_written_out():
     """The counts of the design table, spelled out for one layer (out=6, in=9, r=3)."""
     o, i, r = OUT, IN, RANK
-    expected = {"lora": r * (i + o), "rslora": r * (i + o), "pissa": r * (i + o),
-                "milora": r * (i + o), "frobenius": r * (i + o), "random_alignment": o * r,
-                "full": o * i + o, "dora": r * (i + o) + o, "vera": r + o,
-                "adalora": r * (i + o + 1), "loha": 2 * r * (i + o),
-                "lokr": 2 * 3 + r * (3 + 3)}  # 6x9 = (2·3)x(3·3): C is 2x3, B A is 3x3
+    expected = {
+        "lora": r * (i + o),
+        "rslora": r * (i + o),
+        "pissa": r * (i + o),
+        "milora": r * (i + o),
+        "frobenius": r * (i + o),
+        "random_alignment": o * r,
+        "full": o * i + o,
+        "dora": r * (i + o) + o,
+        "vera": r + o,
+        "adalora": r * (i + o + 1),
+        "loha": 2 * r * (i + o),
+        "lokr": 2 * 3 + r * (3 + 3),
+    }  # 6x9 = (2·3)x(3·3): C is 2x3, B A is 3x3
     for name, count in expected.items():
         if name in lr.variants():
             assert build(name, {})[0].num_trainable() == count, name
@@ -163,8 +172,12 @@ def test_eval_mode_ignores_dropout(name, options):
     with torch.no_grad():
         y = ad(x)
         assert torch.equal(ad(x), y), "eval output is not deterministic with dropout > 0"
-        assert_close(y, F.linear(x, ad.merged_weight(), ad.base.bias), torch.float64,
-                     "eval output with dropout > 0 vs the merged weight")
+        assert_close(
+            y,
+            F.linear(x, ad.merged_weight(), ad.base.bias),
+            torch.float64,
+            "eval output with dropout > 0 vs the merged weight",
+        )
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

@@ -20,22 +20,35 @@ import lowrank as lr
 
 
 def bert(cls):
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, num_labels=4, vocab_size=100)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=4,
+        vocab_size=100,
+    )
     torch.manual_seed(0)
     return cls(config)
 
 
 def llama():
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=100)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
 
 
 def gpt2():
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
 
@@ -44,20 +57,29 @@ def gpt2():
 CASES = {
     "BertModel": (lambda: bert(transformers.BertModel), {}, [], 13),  # pooler.dense included
     "BertForSequenceClassification": (
-        lambda: bert(transformers.BertForSequenceClassification), {}, [], 14),  # classifier too
+        lambda: bert(transformers.BertForSequenceClassification),
+        {},
+        [],
+        14,
+    ),  # classifier too
     "BertForSequenceClassification+modules_to_save": (
         lambda: bert(transformers.BertForSequenceClassification),
-        {"modules_to_save": ["classifier"]}, ["classifier"], 13),
+        {"modules_to_save": ["classifier"]},
+        ["classifier"],
+        13,
+    ),
     "BertForSequenceClassification+SEQ_CLS": (
         lambda: bert(transformers.BertForSequenceClassification),
-        {"task_type": "SEQ_CLS"}, ["classifier"], 13),
+        {"task_type": "SEQ_CLS"},
+        ["classifier"],
+        13,
+    ),
     "LlamaForCausalLM": (llama, {}, [], 14),  # 7 per layer, lm_head left out
 }
 
 
 def peft_linear_targets(model, **options):
-    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules="all-linear", r=2,
-                                                             **options))
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules="all-linear", r=2, **options))
     names = set(theirs.targeted_module_names)
     kinds = {n: type(model.get_submodule(n)) for n in names}
     return {n for n in names if kinds[n] is nn.Linear}, names
@@ -72,8 +94,7 @@ def test_all_linear_is_peft_set(case):
     print(f"\n{case}: lowrank {len(ours)}, PEFT {len(theirs)} nn.Linear targets")
     assert len(ours) == len(set(ours)) == count
     assert set(ours) == theirs
-    injected = lr.inject(model, "lora", targets="all-linear", modules_to_save=modules_to_save,
-                         rank=2)
+    injected = lr.inject(model, "lora", targets="all-linear", modules_to_save=modules_to_save, rank=2)
     assert set(lr.adapters(injected)) == theirs
     for name in modules_to_save:  # trains whole, holds no adapter
         assert type(injected.get_submodule(name)) is nn.Linear
@@ -85,9 +106,12 @@ def test_all_linear_on_gpt2_finds_no_linear_but_the_output_layer():
     theirs_linear, theirs = peft_linear_targets(model)
     print(f"\nGPT-2: PEFT {len(theirs)} targets (Conv1D), {len(theirs_linear)} nn.Linear")
     assert len(theirs) == 8 and not theirs_linear  # c_attn, c_proj, c_fc, c_proj per block
-    with pytest.raises(ValueError, match=r"^'all-linear' selects no module: its nn.Linear modules "
-                                         r"are the model's output layer \(lm_head\), which it "
-                                         r"leaves out; name the targets explicitly$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^'all-linear' selects no module: its nn.Linear modules "
+        r"are the model's output layer \(lm_head\), which it "
+        r"leaves out; name the targets explicitly$",
+    ):
         lr.inject(model, "lora", targets="all-linear", rank=2)
 
 
@@ -95,4 +119,5 @@ def test_tied_output_layer_is_left_out_under_every_name():
     model = llama()
     model.extra_head = model.lm_head  # a second name for the output layer
     assert lr.find_targets(model, "all-linear") == [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not model.lm_head]
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not model.lm_head
+    ]

@@ -84,16 +84,14 @@ def test_magnitude_direction_separates_scaling_from_rotation():
     dm, dd = an.magnitude_direction(2 * W0, W0)
     assert dd == pytest.approx(0.0, abs=1e-12)
     assert dm == pytest.approx(float(W0.norm(dim=1).mean()), rel=1e-12)
-    R = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64,
-                                    generator=torch.Generator().manual_seed(3)))[0]
+    R = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))[0]
     dm, dd = an.magnitude_direction(W0 @ R, W0)  # rotating inputs keeps every row norm
     assert dm == pytest.approx(0.0, abs=1e-12) and dd > 0.01
 
 
 def test_md_correlation_sign():
     W0 = rotated(diag(1.0, 2.0, 3.0, shape=(3, 4)))
-    R = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64,
-                                    generator=torch.Generator().manual_seed(4)))[0]
+    R = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))[0]
     # magnitude and direction grow together → positive correlation
     together = [(1 + t) * (W0 + t * (W0 @ R - W0)) for t in (0.1, 0.2, 0.3, 0.4)]
     assert an.md_correlation(together, W0) > 0.9

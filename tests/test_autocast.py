@@ -38,8 +38,7 @@ def autocast():
 
 
 def ours(name: str) -> torch.nn.Module:
-    model = lr.inject(TinyNet(), name, targets=TARGETS, rank=R, alpha=ALPHA,
-                      **OPTIONS.get(name, {}))
+    model = lr.inject(TinyNet(), name, targets=TARGETS, rank=R, alpha=ALPHA, **OPTIONS.get(name, {}))
     perturb(model)  # ΔW ≠ 0 everywhere, so a missing term shows
     return model
 
@@ -61,8 +60,7 @@ def _peft_lora(model: torch.nn.Module, name: str) -> torch.nn.Module:
     with torch.no_grad():
         for t, ad in lr.adapters(model).items():
             base.get_submodule(t).weight.copy_(ad.base.weight)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
-                          use_rslora=name == "rslora")
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_rslora=name == "rslora")
     theirs = peft.get_peft_model(base, cfg)
     with torch.no_grad():
         for t, ad in lr.adapters(model).items():
@@ -79,8 +77,9 @@ def _peft_family(model: torch.nn.Module, name: str) -> torch.nn.Module:
     cfg = {
         "dora": lambda: peft.LoraConfig(r=R, lora_alpha=ALPHA, use_dora=True, **common),
         "vera": lambda: peft.VeraConfig(r=R, **common),
-        "adalora": lambda: peft.AdaLoraConfig(init_r=R, target_r=1, lora_alpha=ALPHA,
-                                              total_step=10, **common),
+        "adalora": lambda: peft.AdaLoraConfig(
+            init_r=R, target_r=1, lora_alpha=ALPHA, total_step=10, **common
+        ),
         "loha": lambda: peft.LoHaConfig(r=R, alpha=ALPHA, **common),
         "lokr": lambda: peft.LoKrConfig(r=R, alpha=ALPHA, **common),
     }[name]()
@@ -95,10 +94,20 @@ def _plain(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return lr.strip(copy.deepcopy(model))
 
 
-REFERENCE = {"lora": _peft_lora, "rslora": _peft_lora, "pissa": _peft_lora, "milora": _peft_lora,
-             "random_alignment": _peft_lora, "frobenius": _peft_lora, "dora": _peft_family,
-             "vera": _peft_family, "adalora": _peft_family, "loha": _peft_family,
-             "lokr": _peft_family, "full": _plain}
+REFERENCE = {
+    "lora": _peft_lora,
+    "rslora": _peft_lora,
+    "pissa": _peft_lora,
+    "milora": _peft_lora,
+    "random_alignment": _peft_lora,
+    "frobenius": _peft_lora,
+    "dora": _peft_family,
+    "vera": _peft_family,
+    "adalora": _peft_family,
+    "loha": _peft_family,
+    "lokr": _peft_family,
+    "full": _plain,
+}
 
 
 @pytest.mark.parametrize("name", lr.variants())
@@ -125,8 +134,12 @@ def test_trains_under_autocast(name):
     for n, p in trainable:
         assert p.grad is not None, f"{name}: {n} got no gradient under autocast"
         assert p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), (name, n)
-    adapted = {f"{t}.{k}" for t, ad in lr.adapters(model).items()
-               for k, q in ad.named_parameters() if q.requires_grad}
+    adapted = {
+        f"{t}.{k}"
+        for t, ad in lr.adapters(model).items()
+        for k, q in ad.named_parameters()
+        if q.requires_grad
+    }
     assert all(p.grad.abs().sum() > 0 for n, p in trainable if n in adapted), name
 
 
@@ -143,8 +156,10 @@ def test_eval_under_autocast_agrees_with_float32_and_reference(name, grad_mode):
     # the adapters act: far more than bf16 noise separates the adapted model from the base one
     assert rel_diff(y32, base32) > 0.1, name
     to_f32, to_ref = rel_diff(y, y32), rel_diff(y, ref)
-    print(f"\n{name}: autocast vs own float32 {to_f32:.2e}, vs reference {to_ref:.2e} "
-          "(max abs diff / output scale)")
+    print(
+        f"\n{name}: autocast vs own float32 {to_f32:.2e}, vs reference {to_ref:.2e} "
+        "(max abs diff / output scale)"
+    )
     assert to_f32 <= TOL_F32, (name, to_f32)
     assert to_ref <= TOL_PEFT, (name, to_ref)
 

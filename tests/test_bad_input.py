@@ -23,10 +23,13 @@ def test_invalid_rank(name, rank):
         # documented: rank is accepted for a uniform interface and ignored
         ad = lr.make(name, lin, rank=rank)
         assert ad.num_trainable() == sum(
-            torch.Size(s).numel() for s in formula(name)(OUT, IN, 1, True).values())
+            torch.Size(s).numel() for s in formula(name)(OUT, IN, 1, True).values()
+        )
         return
-    msg = (rf"rank={re.escape(repr(rank))} is invalid for a {OUT}x{IN} layer with variant "
-           rf"'{name}'; choose an integer rank (of at least 1|between 1 and \d+)$")
+    msg = (
+        rf"rank={re.escape(repr(rank))} is invalid for a {OUT}x{IN} layer with variant "
+        rf"'{name}'; choose an integer rank (of at least 1|between 1 and \d+)$"
+    )
     with pytest.raises(ValueError, match=msg):
         lr.make(name, lin, rank=rank)
     with pytest.raises(ValueError, match=rf"rank={rank!r} is invalid for a 10x8 layer"):
@@ -103,12 +106,16 @@ class WithNorm(nn.Module):
 
 def test_target_matching_nothing_lists_the_linear_modules():
     model = TinyNet()
-    with pytest.raises(ValueError, match=r"target 'query' matches no module; "
-                                         r"Linear modules are: q, v, out"):
+    with pytest.raises(
+        ValueError,
+        match=r"target 'query' matches no module; "
+        r"Linear modules are: q, v, out",
+    ):
         lr.inject(model, "lora", targets=["query"])
     pattern = r"x\.\d"
-    with pytest.raises(ValueError, match=re.escape(f"target {pattern!r} matches no module; "
-                                                   "Linear modules are: q, v, out")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"target {pattern!r} matches no module; Linear modules are: q, v, out")
+    ):
         lr.inject(model, "lora", targets=[pattern])
     with pytest.raises(ValueError, match=r"targets is empty"):
         lr.inject(model, "lora", targets=[])
@@ -121,8 +128,11 @@ def test_target_matching_nothing_lists_the_linear_modules():
 @pytest.mark.parametrize(("target", "kind"), [("norm", "LayerNorm"), ("conv", "Conv1d")])
 def test_non_linear_target(target, kind):
     model = WithNorm()
-    with pytest.raises(TypeError, match=rf"target '{target}' matches '{target}', a {kind}, "
-                                        r"not an nn.Linear.*Linear modules are: q, out"):
+    with pytest.raises(
+        TypeError,
+        match=rf"target '{target}' matches '{target}', a {kind}, "
+        r"not an nn.Linear.*Linear modules are: q, out",
+    ):
         lr.inject(model, "lora", targets=["q", target])
     assert not lr.adapters(model)
 
@@ -134,13 +144,19 @@ def test_make_refuses_a_non_linear_module(name):
 
 
 def test_all_linear_that_selects_nothing():
-    with pytest.raises(ValueError, match=r"'all-linear' selects no module: the model has no "
-                                         r"nn.Linear modules \(lowrank adapts nn.Linear only"):
+    with pytest.raises(
+        ValueError,
+        match=r"'all-linear' selects no module: the model has no "
+        r"nn.Linear modules \(lowrank adapts nn.Linear only",
+    ):
         lr.inject(nn.Sequential(nn.Conv1d(3, 3, 1)), "lora", targets="all-linear", rank=1)
     model = nn.Sequential(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match=r"'all-linear' selects no module: its nn.Linear modules "
-                                         r"are inside modules_to_save \(0\), which it leaves "
-                                         r"out; name the targets explicitly"):
+    with pytest.raises(
+        ValueError,
+        match=r"'all-linear' selects no module: its nn.Linear modules "
+        r"are inside modules_to_save \(0\), which it leaves "
+        r"out; name the targets explicitly",
+    ):
         lr.inject(model, "lora", targets="all-linear", modules_to_save=["0"], rank=1)
     assert type(model[0]) is nn.Linear and model[0].weight.requires_grad
 
@@ -172,7 +188,8 @@ def assert_unchanged(model, snap):
     state, grads, tq, tv = snap
     assert (type(model.q), type(model.v)) == (tq, tv), "a failed load replaced modules"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads, (
-        "a failed load changed which parameters train")
+        "a failed load changed which parameters train"
+    )
     now = model.state_dict()
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state), "a failed load changed tensors"
@@ -182,8 +199,9 @@ def test_load_for_other_shapes(tmp_path):
     path = saved(tmp_path)  # TinyNet(d=8): q is 10x8
     other = TinyNet(d=5)
     snap = snapshot(other)
-    with pytest.raises(lr.AdapterFileError,
-                       match=r"layer 'q' is 10x5 here but 10x8 in the file; load it into the model"):
+    with pytest.raises(
+        lr.AdapterFileError, match=r"layer 'q' is 10x5 here but 10x8 in the file; load it into the model"
+    ):
         lr.load_adapters(other, path)
     assert_unchanged(other, snap)
 
@@ -202,8 +220,9 @@ def test_load_for_another_variant(name, tmp_path):
     other_name = next(v for v in lr.variants() if v != name)
     model = lr.inject(TinyNet(), other_name, targets=["q", "v"], rank=2)
     snap = snapshot(model)
-    with pytest.raises(lr.AdapterFileError,
-                       match=rf"layer 'q' holds a '{other_name}' adapter but the file has '{name}'"):
+    with pytest.raises(
+        lr.AdapterFileError, match=rf"layer 'q' holds a '{other_name}' adapter but the file has '{name}'"
+    ):
         lr.load_adapters(model, path)
     assert_unchanged(model, snap)
 
@@ -235,8 +254,10 @@ def corrupt_huge_header(p):
 
 
 @pytest.mark.parametrize(
-    "corrupt", [corrupt_truncate, corrupt_garbage, corrupt_empty, corrupt_huge_header],
-    ids=["truncated", "garbage", "empty", "huge-header"])
+    "corrupt",
+    [corrupt_truncate, corrupt_garbage, corrupt_empty, corrupt_huge_header],
+    ids=["truncated", "garbage", "empty", "huge-header"],
+)
 def test_damaged_safetensors_file(corrupt, tmp_path):
     path = saved(tmp_path)
     corrupt(path / "adapter.safetensors")
@@ -280,9 +301,14 @@ def test_save_without_adapters(tmp_path):
 def test_non_finite_matrix(bad):
     W = torch.randn(6, 4, dtype=torch.float64)
     W[2, 1] = bad
-    for call in (lambda: la.fit_uv(W, 2, 0.1, steps=10), lambda: la.truncated_svd(W, 2),
-                 lambda: la.svt(W, 0.1), lambda: la.frobenius_lowrank(W, 2, 0.1),
-                 lambda: la.nuclear_norm(W), lambda: la.eckart_young_error(W, 2)):
+    for call in (
+        lambda: la.fit_uv(W, 2, 0.1, steps=10),
+        lambda: la.truncated_svd(W, 2),
+        lambda: la.svt(W, 0.1),
+        lambda: la.frobenius_lowrank(W, 2, 0.1),
+        lambda: la.nuclear_norm(W),
+        lambda: la.eckart_young_error(W, 2),
+    ):
         with pytest.raises(ValueError, match=r"W contains NaN or inf; clean the matrix"):
             call()
 

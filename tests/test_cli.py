@@ -29,12 +29,15 @@ def run(capsys, *argv):
 
 
 # --------------------------------------------------------------------------- help and usage
-@pytest.mark.parametrize(("command", "words"), [
-    ("ablate", ["--quick", "--plot-only", "--out", "--figure"]),
-    ("plot", ["CSV", "--figure", "dev-chosen learning rate"]),
-    ("inspect", ["PATH", "--json", "effective rank", "trainable"]),
-    ("reconstruct", ["WEIGHTS", "--ranks", "--out", "--force", "Eckart"]),
-])
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ("ablate", ["--quick", "--plot-only", "--out", "--figure"]),
+        ("plot", ["CSV", "--figure", "dev-chosen learning rate"]),
+        ("inspect", ["PATH", "--json", "effective rank", "trainable"]),
+        ("reconstruct", ["WEIGHTS", "--ranks", "--out", "--force", "Eckart"]),
+    ],
+)
 def test_every_subcommand_explains_itself(capsys, command, words):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0
@@ -44,18 +47,26 @@ def test_every_subcommand_explains_itself(capsys, command, words):
 
 
 def test_python_m_lowrank_lists_the_subcommands():
-    res = subprocess.run([sys.executable, "-m", "lowrank", "--help"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lowrank", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert res.returncode == 0
     for command in ("ablate", "plot", "inspect", "reconstruct"):
         assert command in res.stdout
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["reconstruct", "w.safetensors"], ["reconstruct", "w.safetensors",
-                                                           "--ranks", "0"],
-    ["inspect"], ["inspect", "x", "--bogus"], ["ablate", "--ranks", "one"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["reconstruct", "w.safetensors"],
+        ["reconstruct", "w.safetensors", "--ranks", "0"],
+        ["inspect"],
+        ["inspect", "x", "--bogus"],
+        ["ablate", "--ranks", "one"],
+    ],
+)
 def test_bad_usage_exits_2(capsys, argv):
     code, _, err = run(capsys, *argv)
     assert code == 2 and "usage:" in err
@@ -64,8 +75,7 @@ def test_bad_usage_exits_2(capsys, argv):
 # --------------------------------------------------------------------------- inspect
 @pytest.fixture()
 def saved_lora(tmp_path):
-    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], rank=3, alpha=6,
-                      modules_to_save=["out"])
+    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], rank=3, alpha=6, modules_to_save=["out"])
     perturb(model)
     return model, lr.save_adapters(model, tmp_path / "lora-r3")
 
@@ -84,8 +94,7 @@ def test_inspect_reports_ranks_counts_and_spectra(capsys, saved_lora):
         assert (row["out_features"], row["in_features"]) == (ad.out_features, ad.in_features)
         assert row["trainable_params"] == ad.num_trainable() == 3 * (ad.in_features + 10)
         dW = ad.delta_weight().detach()
-        assert row["delta"]["effective_rank"] == pytest.approx(lr.analysis.effective_rank(dW),
-                                                               rel=1e-5)
+        assert row["delta"]["effective_rank"] == pytest.approx(lr.analysis.effective_rank(dW), rel=1e-5)
         assert row["delta"]["fro_norm"] == pytest.approx(float(dW.norm()), rel=1e-5)
         assert row["delta"]["rank90"] == lr.analysis.rank_for_energy(dW, 0.9)
     assert info["modules_to_save"] == ["out"] and info["modules_to_save_params"] == 33
@@ -96,8 +105,11 @@ def test_inspect_reports_ranks_counts_and_spectra(capsys, saved_lora):
     code, out, _ = run(capsys, "inspect", str(path))
     assert code == 0
     assert f"{total} trainable parameters" in out
-    table = {line.split()[0]: line.split() for line in out.splitlines()
-             if line.split()[:2] in (["q", "lora"], ["v", "lora"])}
+    table = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:2] in (["q", "lora"], ["v", "lora"])
+    }
     ad = lr.adapters(model)["q"]
     eff = lr.analysis.effective_rank(ad.delta_weight().detach())
     assert table["q"][2:5] == ["10x8", "3", str(ad.num_trainable())]
@@ -154,24 +166,40 @@ def test_inspect_a_damaged_adapter_fails_with_one_line(capsys, saved_lora):
 
 
 # --------------------------------------------------------------------------- reconstruct
-MATRICES = {"diag": torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])),
-            "wide": torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]),
-            "zero": torch.zeros(2, 2)}
+MATRICES = {
+    "diag": torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0])),
+    "wide": torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]]),
+    "zero": torch.zeros(2, 2),
+}
 # Hand-computed: diag(4, 3, 2, 1) has σ = 4, 3, 2, 1 and ‖W‖²_F = 30, so the best rank-r
 # approximation leaves √(Σ_{i>r} σᵢ²/30); "wide" has σ = 2, 1 (‖W‖²_F = 5); r ≥ rank(W) and
 # W = 0 leave nothing.
-EXPECTED = {("diag", 1): math.sqrt(14 / 30), ("diag", 2): math.sqrt(5 / 30),
-            ("diag", 3): math.sqrt(1 / 30), ("diag", 4): 0.0, ("diag", 6): 0.0,
-            ("wide", 1): math.sqrt(1 / 5), ("wide", 2): 0.0, ("wide", 3): 0.0, ("wide", 4): 0.0,
-            ("wide", 6): 0.0, **{("zero", r): 0.0 for r in (1, 2, 3, 4, 6)}}
+EXPECTED = {
+    ("diag", 1): math.sqrt(14 / 30),
+    ("diag", 2): math.sqrt(5 / 30),
+    ("diag", 3): math.sqrt(1 / 30),
+    ("diag", 4): 0.0,
+    ("diag", 6): 0.0,
+    ("wide", 1): math.sqrt(1 / 5),
+    ("wide", 2): 0.0,
+    ("wide", 3): 0.0,
+    ("wide", 4): 0.0,
+    ("wide", 6): 0.0,
+    **{("zero", r): 0.0 for r in (1, 2, 3, 4, 6)},
+}
 
 
 @pytest.fixture()
 def weights(tmp_path):
     path = tmp_path / "w.safetensors"
-    save_file({**MATRICES,
-               "bias": torch.ones(4),  # 1-D: not a matrix, skipped
-               "ids": torch.arange(4).reshape(2, 2)}, path)  # integer: skipped
+    save_file(
+        {
+            **MATRICES,
+            "bias": torch.ones(4),  # 1-D: not a matrix, skipped
+            "ids": torch.arange(4).reshape(2, 2),
+        },
+        path,
+    )  # integer: skipped
     return path
 
 
@@ -181,11 +209,13 @@ def test_reconstruct_table_and_csv_match_hand_computed_errors(capsys, tmp_path, 
     rows = {line.split()[0]: line.split()[2:] for line in out.splitlines()[3:]}
     assert set(rows) == {"diag", "wide", "zero"}
     assert [float(v) for v in rows["diag"]] == pytest.approx(
-        [EXPECTED["diag", r] for r in (1, 2, 3, 4, 6)], abs=1e-4)
+        [EXPECTED["diag", r] for r in (1, 2, 3, 4, 6)], abs=1e-4
+    )
 
     out_csv = tmp_path / "errors.csv"
-    code, _, _ = run(capsys, "reconstruct", str(weights), "--ranks", "1", "2", "3", "4", "6",
-                     "--out", str(out_csv))
+    code, _, _ = run(
+        capsys, "reconstruct", str(weights), "--ranks", "1", "2", "3", "4", "6", "--out", str(out_csv)
+    )
     assert code == 0
     df = pd.read_csv(out_csv)
     assert list(df.columns) == ["tensor", "out_features", "in_features", "rank", "relative_error"]
@@ -205,8 +235,7 @@ def test_reconstruct_refuses_to_overwrite_without_force(capsys, tmp_path, weight
     code, _, err = run(capsys, "reconstruct", str(weights), "--ranks", "1", "--out", str(out_csv))
     assert code == 1 and "--force" in err and err.count("\n") == 1
     assert out_csv.read_text() == "precious\n"
-    code, _, _ = run(capsys, "reconstruct", str(weights), "--ranks", "1", "--out", str(out_csv),
-                     "--force")
+    code, _, _ = run(capsys, "reconstruct", str(weights), "--ranks", "1", "--out", str(out_csv), "--force")
     assert code == 0 and len(pd.read_csv(out_csv)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.csv", "w.safetensors"]
 
@@ -225,9 +254,22 @@ def test_reconstruct_a_damaged_file_fails_with_one_line(capsys, tmp_path, weight
 # --------------------------------------------------------------------------- ablate and plot
 def test_ablate_quick_then_plot_redraws_from_the_csv(capsys, tmp_path):
     out, fig = tmp_path / "ra.csv", tmp_path / "ra"
-    code, stdout, err = run(capsys, "ablate", "--quick", "--quiet", "--workers", "1",
-                            "--ranks", "1", "--steps", "50", "--out", str(out),
-                            "--figure", str(fig))
+    code, stdout, err = run(
+        capsys,
+        "ablate",
+        "--quick",
+        "--quiet",
+        "--workers",
+        "1",
+        "--ranks",
+        "1",
+        "--steps",
+        "50",
+        "--out",
+        str(out),
+        "--figure",
+        str(fig),
+    )
     assert code == 0, err
     df = pd.read_csv(out)
     assert set(df["variant"]) == {"full", "lora"} and (df["status"] == "ok").all()
@@ -262,13 +304,17 @@ def test_ablate_runs_from_the_package_alone_under_the_current_directory(tmp_path
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     cmd = [sys.executable, "-m", "lowrank", "ablate"]
-    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=work, env=env,
-                         timeout=120)
+    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: lowrank ablate ") and "--plot-only" in res.stdout
-    res = subprocess.run([*cmd, "--quick", "--quiet", "--workers", "1", "--ranks", "1",
-                          "--steps", "20", "--lr-grid", "1e-2"], capture_output=True, text=True,
-                         cwd=work, env=env, timeout=600)
+    res = subprocess.run(
+        [*cmd, "--quick", "--quiet", "--workers", "1", "--ranks", "1", "--steps", "20", "--lr-grid", "1e-2"],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (work / "results" / "rank_ablation_quick.csv").exists()
     assert (work / "paper_figures" / "rank_ablation_quick.png").exists()
@@ -276,7 +322,8 @@ def test_ablate_runs_from_the_package_alone_under_the_current_directory(tmp_path
 
 def test_ablate_plot_only_reads_the_csv_it_is_given(capsys, tmp_path):
     csv = ROOT / "results" / "rank_ablation.csv"
-    code, out, err = run(capsys, "ablate", "--plot-only", "--out", str(csv),
-                         "--figure", str(tmp_path / "fig"))
+    code, out, err = run(
+        capsys, "ablate", "--plot-only", "--out", str(csv), "--figure", str(tmp_path / "fig")
+    )
     assert code == 0, err
     assert f"figure: {tmp_path / 'fig.pdf'}" in out and (tmp_path / "fig.png").exists()

@@ -75,14 +75,17 @@ def test_the_valid_options_come_from_the_constructor(monkeypatch):
     @lr.register
     class Scaled(lr.variant_class("lora")):
         name = "scaled_for_test"
-        display_name = "scaled (test)"
+        display_name = "scaled LoRA (test)"
 
         def __init__(self, base, *, gain=1.0, **common):
             super().__init__(base, **common)
             self.gain = gain
 
-    with pytest.raises(lr.OptionError, match=r"'gian' for scaled_for_test \(did you mean 'gain'\?\); "
-                                             r"valid: rank, alpha, dropout, seed, gain$"):
+    with pytest.raises(
+        lr.OptionError,
+        match=r"'gian' for scaled_for_test \(did you mean 'gain'\?\); "
+        r"valid: rank, alpha, dropout, seed, gain$",
+    ):
         lr.make("scaled_for_test", nn.Linear(4, 4), gian=2.0)
     assert lr.make("scaled_for_test", nn.Linear(4, 4), rank=2, gain=2.0).gain == 2.0
 
@@ -92,8 +95,10 @@ def test_the_sweep_checks_options_before_any_run(monkeypatch, tmp_path):
         raise AssertionError("a run started")
 
     monkeypatch.setattr(sweep_results, "execute", no_runs)
-    specs = [RunSpec("synthetic", "lora", 1, 0, 1e-2, train=TRAIN),
-             RunSpec("synthetic", "lora", 2, 0, 1e-2, train=TRAIN, variant_options={"alhpa": 16})]
+    specs = [
+        RunSpec("synthetic", "lora", 1, 0, 1e-2, train=TRAIN),
+        RunSpec("synthetic", "lora", 2, 0, 1e-2, train=TRAIN, variant_options={"alhpa": 16}),
+    ]
     with pytest.raises(lr.OptionError, match="unknown option 'alhpa' for lora"):
         sweep(specs, tmp_path / "r.csv", workers=2)
     assert not (tmp_path / "r.csv").exists()
@@ -111,18 +116,45 @@ def test_the_error_crosses_a_process_boundary_intact():
 def test_ablate_with_a_misspelt_option_says_so_in_one_sentence(capsys, tmp_path):
     """Through the sweep's worker processes (--workers 2): one sentence, exit 1, nothing run."""
     out = tmp_path / "ra.csv"
-    code, _, err = run(capsys, "ablate", "--quick", "--quiet", "--workers", "2", "--out", str(out),
-                       "--figure", str(tmp_path / "ra"), "--variant-options", '{"alhpa": 16}')
+    code, _, err = run(
+        capsys,
+        "ablate",
+        "--quick",
+        "--quiet",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--figure",
+        str(tmp_path / "ra"),
+        "--variant-options",
+        '{"alhpa": 16}',
+    )
     assert code == 1 and one_sentence(err), err
     assert "unknown option 'alhpa'" in err and "valid: rank, alpha, dropout, seed" in err
     assert not out.exists()
 
 
 def test_the_study_script_with_a_misspelt_option_says_so_in_one_sentence(tmp_path):
-    res = subprocess.run([sys.executable, str(STUDIES / "rank_ablation.py"), "--quick", "--quiet",
-                          "--workers", "2", "--out", str(tmp_path / "ra.csv"), "--figure",
-                          str(tmp_path / "ra"), "--variant-options", '{"dropuot": 0.1}'],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(STUDIES / "rank_ablation.py"),
+            "--quick",
+            "--quiet",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / "ra.csv"),
+            "--figure",
+            str(tmp_path / "ra"),
+            "--variant-options",
+            '{"dropuot": 0.1}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1 and one_sentence(res.stderr), res.stderr[-3000:]
     assert "unknown option 'dropuot'" in res.stderr and "did you mean 'dropout'?" in res.stderr
 
@@ -144,11 +176,14 @@ def takes(script: str, flag: str) -> bool:
     return any(flag in a.option_strings for a in parser._actions)
 
 
-@pytest.mark.parametrize(("flag", "value", "words"), [
-    ("--variants", "lorax", "unknown variant 'lorax'"),
-    ("--task", "nope", "'nope'"),
-    ("--ranks", "0", "must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--variants", "lorax", "unknown variant 'lorax'"),
+        ("--task", "nope", "'nope'"),
+        ("--ranks", "0", "must be at least 1"),
+    ],
+)
 def test_a_bad_name_or_value_is_a_usage_error(flag, value, words, tmp_path):
     """In every study that takes ``flag``."""
     scripts = [s for s in SCRIPTS if takes(s, flag)]
@@ -158,22 +193,29 @@ def test_a_bad_name_or_value_is_a_usage_error(flag, value, words, tmp_path):
         assert code == 2 and "usage:" in err and words in err, (script, err)
 
 
-@pytest.mark.parametrize(("argv", "words"), [
-    (["ablate", "--variants", "lorax"], "unknown variant 'lorax'"),
-    (["ablate", "--task", "nope"], "unknown task 'nope'"),
-    (["ablate", "--workers", "0"], "0 must be at least 1"),
-    (["reconstruct", "w.safetensors", "--ranks", "x"], "'x' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["ablate", "--variants", "lorax"], "unknown variant 'lorax'"),
+        (["ablate", "--task", "nope"], "unknown task 'nope'"),
+        (["ablate", "--workers", "0"], "0 must be at least 1"),
+        (["reconstruct", "w.safetensors", "--ranks", "x"], "'x' is not a whole number"),
+    ],
+)
 def test_the_command_s_usage_errors_exit_2(capsys, argv, words):
     code, _, err = run(capsys, *argv)
     assert code == 2 and "usage: lowrank " in err and words in err, err
 
 
-@pytest.mark.parametrize("argv", [
-    ["inspect", "nowhere"], ["plot", "nowhere.csv"], ["reconstruct", "nowhere.safetensors",
-                                                      "--ranks", "1"],
-    ["ablate", "--plot-only", "--out", "nowhere.csv"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "nowhere"],
+        ["plot", "nowhere.csv"],
+        ["reconstruct", "nowhere.safetensors", "--ranks", "1"],
+        ["ablate", "--plot-only", "--out", "nowhere.csv"],
+    ],
+)
 def test_the_command_s_runtime_errors_exit_1_in_one_sentence(capsys, tmp_path, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
@@ -201,8 +243,7 @@ def help_of(call) -> tuple[argparse.ArgumentParser, str]:
     return shown[-1], out.getvalue()
 
 
-HELPS = {**{f"lowrank {c}": [c] for c in ["ablate", "plot", "inspect", "reconstruct"]},
-         "lowrank": []}
+HELPS = {**{f"lowrank {c}": [c] for c in ["ablate", "plot", "inspect", "reconstruct"]}, "lowrank": []}
 
 
 @pytest.mark.parametrize("name", [*HELPS, *SCRIPTS])
@@ -222,17 +263,25 @@ def test_every_option_explains_itself(name):
 
 
 def test_lowrank_ablate_help_names_the_command():
-    res = subprocess.run([sys.executable, "-m", "lowrank", "ablate", "--help"], capture_output=True,
-                         text=True, timeout=120, cwd=STUDIES.parent)
+    res = subprocess.run(
+        [sys.executable, "-m", "lowrank", "ablate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=STUDIES.parent,
+    )
     assert res.returncode == 0 and res.stdout.startswith("usage: lowrank ablate ")
 
 
 # --------------------------------------------------------------------------- plot
-@pytest.mark.parametrize(("name", "content"), [
-    ("figure.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
-    ("notes.txt", b"hello, world\nsecond line\n"),
-    ("other.csv", b"a,b\n1,2\n"),
-])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("figure.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
+        ("notes.txt", b"hello, world\nsecond line\n"),
+        ("other.csv", b"a,b\n1,2\n"),
+    ],
+)
 def test_plot_on_a_file_that_is_not_a_results_csv(capsys, tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -274,20 +323,30 @@ def test_inspect_a_peft_vera_directory_says_it_needs_the_model(capsys, tmp_path)
 # --------------------------------------------------------------------------- reconstruct
 def test_reconstruct_says_which_tensors_it_skipped(capsys, tmp_path):
     path = tmp_path / "w.safetensors"
-    save_file({"w": torch.randn(4, 3), "bias": torch.ones(4), "conv": torch.randn(2, 2, 3, 3),
-               "ids": torch.arange(4).reshape(2, 2)}, path)
+    save_file(
+        {
+            "w": torch.randn(4, 3),
+            "bias": torch.ones(4),
+            "conv": torch.randn(2, 2, 3, 3),
+            "ids": torch.arange(4).reshape(2, 2),
+        },
+        path,
+    )
     code, out, err = run(capsys, "reconstruct", str(path), "--ranks", "1")
     assert code == 0 and [line.split()[0] for line in out.splitlines()[3:]] == ["w"]
-    assert err == ("lowrank: skipped 3 tensors that are not 2-D floating-point matrices: "
-                   "bias (1-D); conv (4-D); ids (torch.int64)\n")
+    assert err == (
+        "lowrank: skipped 3 tensors that are not 2-D floating-point matrices: "
+        "bias (1-D); conv (4-D); ids (torch.int64)\n"
+    )
     save_file({"bias": torch.ones(4)}, path)
     code, _, err = run(capsys, "reconstruct", str(path), "--ranks", "1")
     assert code == 1 and one_sentence(err) and "bias (1-D)" in err
 
 
 # --------------------------------------------------------------------------- permissions
-@pytest.mark.parametrize(("save", "tensors"), [(lr.save_adapters, lr.io.TENSORS),
-                                               (lr.to_peft, lr.io.PEFT_TENSORS)])
+@pytest.mark.parametrize(
+    ("save", "tensors"), [(lr.save_adapters, lr.io.TENSORS), (lr.to_peft, lr.io.PEFT_TENSORS)]
+)
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_the_tensors_file_gets_the_config_file_s_permissions(tmp_path, save, tensors, umask):
     model = lr.inject(TinyNet(), "lora", targets=["q"], rank=2)

@@ -17,9 +17,26 @@ from lowrank.train import TrainConfig, seed_everything, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "continual.py"
-COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "task_options",
-           "test_accuracy", "test_old_accuracy", "test_forgetting", "dev_accuracy", "weights",
-           "lr_selected", "lr_selection", "trainable_params", "steps", "batch_size"}
+COLUMNS = {
+    "run_id",
+    "task",
+    "variant",
+    "rank",
+    "seed",
+    "lr",
+    "status",
+    "task_options",
+    "test_accuracy",
+    "test_old_accuracy",
+    "test_forgetting",
+    "dev_accuracy",
+    "weights",
+    "lr_selected",
+    "lr_selection",
+    "trainable_params",
+    "steps",
+    "batch_size",
+}
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -55,8 +72,7 @@ def test_quick_writes_csv_and_figure_and_redraws(quick):
 
 
 def test_plot_only_without_a_csv_says_so_in_one_line(tmp_path, capsys):
-    code = study().main(["--plot-only", "--out", str(tmp_path / "none.csv"),
-                         "--figure", str(tmp_path / "f")])
+    code = study().main(["--plot-only", "--out", str(tmp_path / "none.csv"), "--figure", str(tmp_path / "f")])
     err = capsys.readouterr().err
     assert code == 1 and err.strip().count("\n") == 0
     assert "does not exist; run without --plot-only first" in err
@@ -67,18 +83,32 @@ def test_help_lists_the_options(capsys):
         study().parse(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for flag in ("--quick", "--plot-only", "--out", "--figure", "--workers", "--quiet",
-                 "--lr-grid", "--ranks", "--task-options"):
+    for flag in (
+        "--quick",
+        "--plot-only",
+        "--out",
+        "--figure",
+        "--workers",
+        "--quiet",
+        "--lr-grid",
+        "--ranks",
+        "--task-options",
+    ):
         assert flag in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--task", "mnist", "--ranks", "16"],
-     "rank 16 is invalid for task mnist, whose adapted layer out (10×256) admits ranks up to 10"),
-    (["--variants", "lorax"], "unknown variant 'lorax'"),
-    (["--task", "digits", "--task-options", '{"mnist": {}}'], "names task 'mnist', which is not"),
-    (["--task", "mnist", "--task-options", '{"mnist": {"shift": "flip"}}'], "shift='flip' is unknown"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--task", "mnist", "--ranks", "16"],
+            "rank 16 is invalid for task mnist, whose adapted layer out (10×256) admits ranks up to 10",
+        ),
+        (["--variants", "lorax"], "unknown variant 'lorax'"),
+        (["--task", "digits", "--task-options", '{"mnist": {}}'], "names task 'mnist', which is not"),
+        (["--task", "mnist", "--task-options", '{"mnist": {"shift": "flip"}}'], "shift='flip' is unknown"),
+    ],
+)
 def test_bad_input_is_refused_with_one_sentence(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         study().parse(args)
@@ -133,10 +163,17 @@ def test_full_fine_tuning_spectrum_is_that_of_w_minus_w0(quick):
     """Retrain the quick digits full fine-tuning run and read W − W₀ off the plain layers."""
     row = quick[3].query("task == 'digits' and variant == 'full'").iloc[0]
     task = lr.tasks.get("digits")
-    config = TrainConfig(steps=int(row["steps"]), batch_size=int(row["batch_size"]),
-                         lr=float(row["lr"]), seed=int(row["seed"]), warmup=float(row["warmup"]),
-                         clip=float(row["clip"]), weight_decay=float(row["weight_decay"]),
-                         eval_every=int(row["eval_every"]), quiet=True)
+    config = TrainConfig(
+        steps=int(row["steps"]),
+        batch_size=int(row["batch_size"]),
+        lr=float(row["lr"]),
+        seed=int(row["seed"]),
+        warmup=float(row["warmup"]),
+        clip=float(row["clip"]),
+        weight_decay=float(row["weight_decay"]),
+        eval_every=int(row["eval_every"]),
+        quiet=True,
+    )
     seed_everything(config.seed)
     model = lr.inject(task.pretrained(), "full", targets=task.targets, seed=config.seed)
     metrics = train(model, task, config).metrics

@@ -26,8 +26,11 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": v.detach().clone().contiguous()
-            for n, ad in lr.adapters(model).items() for k, v in ad.adapter_state().items()}
+    return {
+        f"{n}.{k}": v.detach().clone().contiguous()
+        for n, ad in lr.adapters(model).items()
+        for k, v in ad.adapter_state().items()
+    }
 
 
 def train(model: nn.Module, xs, ys) -> None:
@@ -39,14 +42,13 @@ def train(model: nn.Module, xs, ys) -> None:
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     xs, ys = data()
     half = xs.shape[1] // world  # each rank sees its half of every batch
-    train(ddp, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half])
+    train(ddp, xs[:, rank * half : (rank + 1) * half], ys[:, rank * half : (rank + 1) * half])
     save_file(adapter_state(model), f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
 

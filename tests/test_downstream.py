@@ -20,8 +20,9 @@ def study():
     return load_study("downstream.py")
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "loha", "lokr", "random_alignment",
-                                     "adalora", "pissa"])
+@pytest.mark.parametrize(
+    "variant", ["lora", "dora", "vera", "loha", "lokr", "random_alignment", "adalora", "pissa"]
+)
 @pytest.mark.parametrize("shapes", [[(24, 16)] * 3, [(24, 16), (16, 40)]])
 def test_matched_rank_is_the_closest_count_found_by_scanning_every_rank(variant, shapes):
     ds = study()
@@ -51,10 +52,19 @@ def test_adapter_params_counts_what_inject_trains():
 
 def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     out, table, fig = tmp_path / "d.csv", tmp_path / "d.md", tmp_path / "d"
-    args = ["--quick", "--quiet", "--workers", "1", "--out", str(out), "--table", str(table),
-            "--figure", str(fig)]
-    res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                         timeout=600)
+    args = [
+        "--quick",
+        "--quiet",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+        "--table",
+        str(table),
+        "--figure",
+        str(fig),
+    ]
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     df = pd.read_csv(out)
     assert set(df["variant"]) == {"lora", "vera", "probe"} and (df["status"] == "ok").all()
@@ -63,35 +73,41 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     # VeRA cannot reach LoRA r=2's budget on 384×384 layers (r + out per layer): its largest rank
     assert set(runs.loc[runs["variant"] == "vera", "rank"]) == {384}
     md = table.read_text()
-    assert "| vera | 384 | budget of LoRA r=2 (closest it can reach) |" in md
-    assert "| probe | — | baseline |" in md
+    assert "| VeRA | 384 | budget of LoRA r=2 (closest it can reach) |" in md
+    assert "| linear probe | — | baseline |" in md
     assert "† the best of the searched learning rates (0.003) is at the edge" in md
     for ext in ("pdf", "png"):
         assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
     assert b"/FontFile2" in fig.with_suffix(".pdf").read_bytes()
     fig.with_suffix(".png").unlink()
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert fig.with_suffix(".png").exists() and len(pd.read_csv(out)) == len(df)
     assert table.read_text() == md
 
     # --intervals: the same plan with per-example predictions (new runs beside the old ones)
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--intervals"], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--intervals"], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     new = read_results(out)
     assert len(new) == len(df) + 2 and new["test_correct"].notna().sum() == 2
     assert {len(c) for c in new["test_correct"].dropna()} == {48}  # every test sentence
     shown = table.read_text()
     assert "| test accuracy | Δ vs LoRA [95 % CI] | p (Holm) | test macro-F1 |" in shown
-    assert re.search(r"\| lora \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
-    assert re.search(r"\| vera \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
-                     r"(\d\.\d{3}|< 0\.001)\*? \|", shown)
+    assert re.search(r"\| LoRA \| 2 \| budget of LoRA r=2 \|.*\| reference \| — \|", shown)
+    assert re.search(
+        r"\| VeRA \| 384 \|.*\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \| "
+        r"(\d\.\d{3}|< 0\.001)\*? \|",
+        shown,
+    )
     assert_figure(fig.with_name("d_intervals"))
     # without the flag the table is drawn from the runs without predictions, as before
-    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--plot-only"], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0 and table.read_text() == md, res.stderr[-3000:]
 
 
@@ -99,8 +115,7 @@ def test_help_and_bad_input():
     res = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
     for flag in ("--budgets", "--ranks", "--paper", "--quick", "--plot-only", "--lr-grid"):
         assert flag in res.stdout
-    res = subprocess.run([sys.executable, str(SCRIPT), "--variants", "lorax"], capture_output=True,
-                         text=True)
+    res = subprocess.run([sys.executable, str(SCRIPT), "--variants", "lorax"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown variant 'lorax'; choose from adalora" in res.stderr
 
 
@@ -113,19 +128,28 @@ def test_paper_preset_searches_each_variant_around_its_own_centre_and_groups_bat
     assert ds.lr_grid(ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]), "full") == [1e-3, 1e-2]
     assert not ds.parse([]).group_by_length
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
-    specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera",
-                                                 "--ranks"]))
+    specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera", "--ranks"]))
     assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
     assert references == {("full", None): 8, ("vera", 384): 8}  # each against LoRA at r = 8
     assert {s.measure for s in specs} == {("weights", "predictions")}  # --paper: --intervals
     plain = ds.plan(ds.parse(["--variants", "lora", "--ranks"]))[0]
     assert {s.measure for s in plain} == {("weights",)}
     assert not any("group_by_length" in s.train for s in ds.plan(ds.parse(["--quick"]))[0])
-    rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "dora", "vera"],
-                         "rank": [None, 8, 384], "seed": 0, "test_accuracy": [0.9, 0.8, 0.7],
-                         "test_macro_f1": 0.5, "trainable_params": 100, "lr": [3e-5, 3e-3, 1e-2],
-                         "lr_status": ["low edge", "interior", "interior"],
-                         "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0})
+    rows = pd.DataFrame(
+        {
+            "dataset": "trec",
+            "variant": ["full", "dora", "vera"],
+            "rank": [None, 8, 384],
+            "seed": 0,
+            "test_accuracy": [0.9, 0.8, 0.7],
+            "test_macro_f1": 0.5,
+            "trainable_params": 100,
+            "lr": [3e-5, 3e-3, 1e-2],
+            "lr_status": ["low edge", "interior", "interior"],
+            "seconds_per_epoch": 1.0,
+            "peak_mem_mb": 1.0,
+        }
+    )
     md = ds.table(rows, {}, 10_000, args)
     assert "| 3e-05† |" in md and "| 0.003 |" in md and "| 0.01 |" in md  # edges of what was tried
     assert "(--lr-grid auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale)" in md
@@ -133,22 +157,44 @@ def test_paper_preset_searches_each_variant_around_its_own_centre_and_groups_bat
 
 def test_seconds_per_epoch_is_the_median_over_seeds():
     ds = study()
-    rows = pd.DataFrame({"dataset": "trec", "variant": "lora", "rank": 8, "seed": [0, 1, 2],
-                         "test_accuracy": 0.8, "test_macro_f1": 0.8, "trainable_params": 10,
-                         "lr": 1e-3, "lr_status": "interior",
-                         "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
-                         "peak_mem_mb": 1.0})
-    assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3",
-                                                                 "1e-2"]))
+    rows = pd.DataFrame(
+        {
+            "dataset": "trec",
+            "variant": "lora",
+            "rank": 8,
+            "seed": [0, 1, 2],
+            "test_accuracy": 0.8,
+            "test_macro_f1": 0.8,
+            "trainable_params": 10,
+            "lr": 1e-3,
+            "lr_status": "interior",
+            "seconds_per_epoch": [60.0, 62.0, 150.0],  # one run slowed
+            "peak_mem_mb": 1.0,
+        }
+    )
+    assert "| 62 | 1 | 3 |" in ds.table(rows, {}, 1000, ds.parse(["--lr-grid", "1e-4", "1e-3", "1e-2"]))
 
 
 def scored_rows(correct: dict) -> pd.DataFrame:
     """Table rows of one dataset with ``test_correct``: {(variant, rank): [scores per seed]}."""
-    rows = [{"dataset": "movies", "variant": v, "rank": r, "seed": seed, "test_correct": encode_correct(c),
-             "test_accuracy": 0.8, "test_macro_f1": 0.5, "trainable_params": 100, "lr": 1e-2,
-             "lr_status": "interior",
-             "seconds_per_epoch": 1.0, "peak_mem_mb": 1.0}
-            for (v, r), seeds in correct.items() for seed, c in enumerate(seeds)]
+    rows = [
+        {
+            "dataset": "movies",
+            "variant": v,
+            "rank": r,
+            "seed": seed,
+            "test_correct": encode_correct(c),
+            "test_accuracy": 0.8,
+            "test_macro_f1": 0.5,
+            "trainable_params": 100,
+            "lr": 1e-2,
+            "lr_status": "interior",
+            "seconds_per_epoch": 1.0,
+            "peak_mem_mb": 1.0,
+        }
+        for (v, r), seeds in correct.items()
+        for seed, c in enumerate(seeds)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -161,8 +207,14 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
         c = c.copy()
         c[rng.choice(np.flatnonzero(~c), 100, replace=False)] = True
         better.append(c)
-    rows = scored_rows({("lora", 8): lora, ("dora", 8): [c.copy() for c in lora],
-                        ("vera", 384): better, ("loha", 8): lora[:2]})
+    rows = scored_rows(
+        {
+            ("lora", 8): lora,
+            ("dora", 8): [c.copy() for c in lora],
+            ("vera", 384): better,
+            ("loha", 8): lora[:2],
+        }
+    )
     references = {("dora", 8): 8, ("vera", 384): 8, ("loha", 8): 8, ("full", None): 8}
     diffs = ds.comparisons(rows, references).set_index("variant")
     assert set(diffs.index) == {"dora", "vera", "loha"}  # full has no runs here
@@ -175,13 +227,14 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
     assert diffs.loc["vera", "p_holm"] == pytest.approx(3 / 10_001) and diffs.loc["vera", "significant"]
     args = ds.parse(["--lr-grid", "1e-2"])
     md = ds.table(rows, {}, 10_000, args, ds.comparisons(rows, references))
-    assert "| dora | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
-    assert re.search(r"\| vera \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
-    assert "| lora | 8 |" in md and "| reference | — |" in md
+    assert "| DoRA | 8 |  | 100 | 1.000 | 0.800 ± 0.000 | +0.0 [+0.0, +0.0] | 1.000 | 0.500 ±" in md
+    assert re.search(r"\| VeRA \| 384 \|.*\| \+5\.0 \[\+\d\.\d, \+\d\.\d\] \| < 0\.001\* \|", md)
+    assert "| LoRA | 8 |" in md and "| reference | — |" in md
     assert "Holm-adjusted over the 3 comparisons of each dataset; * p < 0.05." in md
     plain = rows.drop(columns="test_correct")  # runs without predictions: the table as before
     assert ds.table(plain, {}, 10_000, args, ds.comparisons(plain, references)) == ds.table(
-        plain, {}, 10_000, args)
+        plain, {}, 10_000, args
+    )
     assert "Δ vs LoRA" not in ds.table(plain, {}, 10_000, args)
     paths = ds.figure(rows, tmp_path / "d", diffs=ds.comparisons(rows, references))
     assert [p.name for p in paths] == ["d.pdf", "d.png", "d_intervals.pdf", "d_intervals.png"]
@@ -192,13 +245,25 @@ def test_the_auto_grid_and_the_extension_are_what_the_table_says():
     ds = study()
     args = ds.parse(["--lr-extend", "2"])
     assert ds.lr_grid(args, "lora") == [3.16228e-3, 1e-2, 3.16228e-2]
-    rows = pd.DataFrame({"dataset": "trec", "variant": ["full", "lora"], "rank": [None, 8],
-                         "seed": 0, "test_accuracy": 0.9, "test_macro_f1": 0.5,
-                         "trainable_params": 100, "lr": [3e-5, 0.316228],
-                         "lr_status": ["interior", "high edge"], "seconds_per_epoch": 1.0,
-                         "peak_mem_mb": 1.0})
+    rows = pd.DataFrame(
+        {
+            "dataset": "trec",
+            "variant": ["full", "lora"],
+            "rank": [None, 8],
+            "seed": 0,
+            "test_accuracy": 0.9,
+            "test_macro_f1": 0.5,
+            "trainable_params": 100,
+            "lr": [3e-5, 0.316228],
+            "lr_status": ["interior", "high edge"],
+            "seconds_per_epoch": 1.0,
+            "peak_mem_mb": 1.0,
+        }
+    )
     md = ds.table(rows, {}, 10_000, args)
     assert "| 3e-05 |" in md and "| 0.316228† |" in md  # edges of the rates tried, not of the grid
-    assert ("† the best of the searched learning rates is at the edge of those tried (--lr-grid "
-            "auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale). A search "
-            "whose best rate was at an edge stepped past it, up to 2 times;") in md
+    assert (
+        "† the best of the searched learning rates is at the edge of those tried (--lr-grid "
+        "auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale). A search "
+        "whose best rate was at an edge stepped past it, up to 2 times;"
+    ) in md

@@ -153,16 +153,14 @@ OPTIONS = {"vera": {"projection_shape": (24, 24), "projection_seed": 3}, "lokr":
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_save_load_round_trip(name, tmp_path):
-    model = lr.inject(net(), name, targets=["fc1", "fc2"], rank=R, alpha=3.0,
-                      **OPTIONS.get(name, {}))
+    model = lr.inject(net(), name, targets=["fc1", "fc2"], rank=R, alpha=3.0, **OPTIONS.get(name, {}))
     perturb(model)
     model.eval()
     x = torch.randn(6, IN)
     y = model(x)
     lr.save_adapters(model, tmp_path / "ad")
     if name == "vera":  # only d and b are saved; loading redraws A and B from the seed
-        assert {k.split("::")[1] for k in load_file(tmp_path / "ad" / "adapter.safetensors")} == {
-            "d", "b"}
+        assert {k.split("::")[1] for k in load_file(tmp_path / "ad" / "adapter.safetensors")} == {"d", "b"}
     fresh = lr.load_adapters(net(), tmp_path / "ad").eval()
     assert torch.equal(fresh(x), y)
     for n, ad in lr.adapters(fresh).items():
@@ -177,8 +175,9 @@ def peft_config(name: str, alpha: float):
     if name == "vera":
         return peft.VeraConfig(r=R, target_modules=targets, projection_prng_key=3)
     if name == "adalora":
-        return peft.AdaLoraConfig(init_r=R, target_r=1, lora_alpha=alpha, target_modules=targets,
-                                  total_step=10)
+        return peft.AdaLoraConfig(
+            init_r=R, target_r=1, lora_alpha=alpha, target_modules=targets, total_step=10
+        )
     if name == "loha":
         return peft.LoHaConfig(r=R, alpha=alpha, target_modules=targets)
     return peft.LoKrConfig(r=R, alpha=alpha, target_modules=targets, decompose_factor=2)
@@ -188,23 +187,36 @@ def peft_config(name: str, alpha: float):
 def copy_into_peft(name: str, ad: lr.Adapter, layer: nn.Module) -> None:
     """Copy lowrank's tensors into the PEFT layer (the mapping documented in each variant)."""
     if name == "dora":
-        pairs = [(layer.lora_A["default"].weight, ad.A), (layer.lora_B["default"].weight, ad.B),
-                 (layer.lora_magnitude_vector["default"].weight, ad.m)]
+        pairs = [
+            (layer.lora_A["default"].weight, ad.A),
+            (layer.lora_B["default"].weight, ad.B),
+            (layer.lora_magnitude_vector["default"].weight, ad.m),
+        ]
     elif name == "vera":
         # the frozen projections are not copied: both sides must have drawn the same ones
         assert torch.equal(layer.vera_A["default"][:, : ad.in_features], ad.A)
         assert torch.equal(layer.vera_B["default"][: ad.out_features], ad.B)
         pairs = [(layer.vera_lambda_d["default"], ad.d), (layer.vera_lambda_b["default"], ad.b)]
     elif name == "adalora":
-        pairs = [(layer.lora_A["default"], ad.Q), (layer.lora_E["default"], ad.lam[:, None]),
-                 (layer.lora_B["default"], ad.P)]
+        pairs = [
+            (layer.lora_A["default"], ad.Q),
+            (layer.lora_E["default"], ad.lam[:, None]),
+            (layer.lora_B["default"], ad.P),
+        ]
     elif name == "loha":
-        pairs = [(layer.hada_w1_a["default"], ad.B1), (layer.hada_w1_b["default"], ad.A1),
-                 (layer.hada_w2_a["default"], ad.B2), (layer.hada_w2_b["default"], ad.A2)]
+        pairs = [
+            (layer.hada_w1_a["default"], ad.B1),
+            (layer.hada_w1_b["default"], ad.A1),
+            (layer.hada_w2_a["default"], ad.B2),
+            (layer.hada_w2_b["default"], ad.A2),
+        ]
     else:
         assert "default" not in layer.lokr_w2  # low-rank w2, as here
-        pairs = [(layer.lokr_w1["default"], ad.C), (layer.lokr_w2_a["default"], ad.B),
-                 (layer.lokr_w2_b["default"], ad.A)]
+        pairs = [
+            (layer.lokr_w1["default"], ad.C),
+            (layer.lokr_w2_a["default"], ad.B),
+            (layer.lokr_w2_b["default"], ad.A),
+        ]
     for theirs, ours in pairs:
         assert theirs.shape == ours.shape
         theirs.copy_(ours)
@@ -263,9 +275,11 @@ def test_dora_gradients_follow_peft():
     theirs(x).square().mean().backward()
     for layer_name, ad in lr.adapters(ours).items():
         layer = theirs.base_model.model.get_submodule(layer_name)
-        for g_ours, g_peft in [(ad.A.grad, layer.lora_A["default"].weight.grad),
-                               (ad.B.grad, layer.lora_B["default"].weight.grad),
-                               (ad.m.grad, layer.lora_magnitude_vector["default"].weight.grad)]:
+        for g_ours, g_peft in [
+            (ad.A.grad, layer.lora_A["default"].weight.grad),
+            (ad.B.grad, layer.lora_B["default"].weight.grad),
+            (ad.m.grad, layer.lora_magnitude_vector["default"].weight.grad),
+        ]:
             torch.testing.assert_close(g_ours, g_peft, rtol=1e-5, atol=1e-7)
 
 

@@ -11,16 +11,43 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--task", "synthetic", "--variants", "lora", "--ranks", "1", "2", "4",
-        "--seeds", "2", "--lr-grid", "1e-2", "--steps", "200", "--workers", "2", "--quiet"]
+ARGS = [
+    "--task",
+    "synthetic",
+    "--variants",
+    "lora",
+    "--ranks",
+    "1",
+    "2",
+    "4",
+    "--seeds",
+    "2",
+    "--lr-grid",
+    "1e-2",
+    "--steps",
+    "200",
+    "--workers",
+    "2",
+    "--quiet",
+]
 N_RUNS = 3 * 2
 
 
 def start(out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "studies" / "rank_ablation.py"), *ARGS, "--out", str(out),
-         "--figure", str(out.with_suffix(""))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(ROOT / "studies" / "rank_ablation.py"),
+            *ARGS,
+            "--out",
+            str(out),
+            "--figure",
+            str(out.with_suffix("")),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_rows(out: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> int:

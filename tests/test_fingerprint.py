@@ -30,8 +30,11 @@ def test_the_fingerprint_covers_every_lowrank_file_a_run_executes():
 
     sys.setprofile(profile)
     try:
-        run_one(RunSpec("synthetic", "dora", 2, 1, 1e-2, train={"steps": 3, "batch_size": 16},
-                        measure=("weights",)))
+        run_one(
+            RunSpec(
+                "synthetic", "dora", 2, 1, 1e-2, train={"steps": 3, "batch_size": 16}, measure=("weights",)
+            )
+        )
     finally:
         sys.setprofile(None)
     executed = {Path(f).resolve() for f in ran if Path(f).resolve().is_relative_to(PACKAGE)}
@@ -42,7 +45,7 @@ def test_the_fingerprint_covers_every_lowrank_file_a_run_executes():
 def test_figures_and_the_command_line_are_outside_the_fingerprint():
     names = {p.relative_to(PACKAGE).as_posix() for p in run_files()}
     assert {"train.py", "sweep/run.py", "adapters/lora.py", "tasks/text.py"} <= names
-    assert not names & {"plots.py", "cli.py", "study.py", "__init__.py", "sweep/tuning.py"}
+    assert not names & {"plots.py", "sensitivity.py", "cli.py", "study.py", "__init__.py", "sweep/tuning.py"}
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -53,16 +56,20 @@ def _copy(tmp_path: Path) -> Path:
 
 
 def _python(root: Path, code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin"},
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout + out.stderr
 
 
 def _fingerprint(root: Path) -> str:
-    return _python(root, "from lowrank.sweep.fingerprint import code_fingerprint as f; print(f())"
-                   ).strip()
+    return _python(root, "from lowrank.sweep.fingerprint import code_fingerprint as f; print(f())").strip()
 
 
 def test_layout_comments_and_docstrings_leave_the_fingerprint_alone_behaviour_changes_it(tmp_path):
@@ -72,7 +79,8 @@ def test_layout_comments_and_docstrings_leave_the_fingerprint_alone_behaviour_ch
     assert before == code_fingerprint()
     source = train.read_text()
     reformatted = source.replace('"""', '"""Another docstring line.\n', 1).replace(
-        "\nclass TrainConfig", "\n# a comment\n\n\nclass TrainConfig")
+        "\nclass TrainConfig", "\n# a comment\n\n\nclass TrainConfig"
+    )
     train.write_text(reformatted)
     assert _fingerprint(root) == before
     train.write_text(source.replace("clip: float | None = 1.0", "clip: float | None = 0.5"))
@@ -116,8 +124,9 @@ def test_stale_marks_rows_without_or_with_another_fingerprint():
 def test_a_study_table_is_stamped_with_its_script_and_fresh_sets_the_old_csv_aside(tmp_path):
     out = tmp_path / "t.csv"
     out.write_text("old,rows\n1,2\n")
-    args = argparse.Namespace(plot_only=False, fresh=True, resumes=[out], out=out,
-                              script=Path(study.__file__))
+    args = argparse.Namespace(
+        plot_only=False, fresh=True, resumes=[out], out=out, script=Path(study.__file__)
+    )
     df = study.results(args, lambda: pd.DataFrame({"x": [1.0, 2.0]}), key=None)
     assert (df[COLUMN] == code_fingerprint(study.__file__)).all()
     assert pd.read_csv(out)[COLUMN].tolist() == df[COLUMN].tolist()
@@ -126,7 +135,8 @@ def test_a_study_table_is_stamped_with_its_script_and_fresh_sets_the_old_csv_asi
 
 def test_make_figures_check_names_each_csv_with_rows_of_other_code(tmp_path, monkeypatch, capsys):
     spec = __import__("importlib.util").util.spec_from_file_location(
-        "make_figures", Path(lowrank.__file__).parent.parent / "studies" / "make_figures.py")
+        "make_figures", Path(lowrank.__file__).parent.parent / "studies" / "make_figures.py"
+    )
     mf = __import__("importlib.util").util.module_from_spec(spec)
     spec.loader.exec_module(mf)
     (tmp_path / "results").mkdir()
@@ -134,9 +144,11 @@ def test_make_figures_check_names_each_csv_with_rows_of_other_code(tmp_path, mon
     for script in Path(spec.origin).parent.glob("*.py"):
         (tmp_path / "studies" / script.name).symlink_to(script)
     pd.DataFrame({"run_id": ["a", "b"], COLUMN: [code_fingerprint(), "other"]}).to_csv(
-        tmp_path / "results" / "robustness.csv", index=False)
+        tmp_path / "results" / "robustness.csv", index=False
+    )
     pd.DataFrame({"run_id": ["a"], COLUMN: [code_fingerprint()]}).to_csv(
-        tmp_path / "results" / "continual.csv", index=False)
+        tmp_path / "results" / "continual.csv", index=False
+    )
     monkeypatch.setattr(mf, "ROOT", tmp_path / "studies")
     assert mf.main(["--check", "--only", "continual"]) == 0
     assert mf.main(["--check"]) == 1
@@ -146,6 +158,5 @@ def test_make_figures_check_names_each_csv_with_rows_of_other_code(tmp_path, mon
 
 
 def test_every_study_offers_a_fresh_run():
-    p = study.parser(str(Path(lowrank.__file__).parent.parent / "studies" / "x.py"), "doc",
-                     presets={})
+    p = study.parser(str(Path(lowrank.__file__).parent.parent / "studies" / "x.py"), "doc", presets={})
     assert p.parse_args(["--fresh"]).fresh and not p.parse_args([]).fresh

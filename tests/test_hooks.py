@@ -64,7 +64,8 @@ def test_global_forward_hook_sees_w0x_plus_b(name, options, mode):
     ad = adapter(name, options, mode)
     seen = {}
     handle = nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: seen.setdefault(id(module), out))
+        lambda module, args, out: seen.setdefault(id(module), out)
+    )
     try:
         with MODES[mode][2]():
             x = inputs(dtype=torch.float32)
@@ -88,8 +89,7 @@ def test_backward_hook_on_base_leaves_gradients_unchanged(name, options):
         x = inputs(dtype=torch.float32).requires_grad_()  # as inside a network
         y = ad(x)
         y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        grads.append({"x": x.grad, **{n: p.grad for n, p in ad.named_parameters()
-                                      if p.requires_grad}})
+        grads.append({"x": x.grad, **{n: p.grad for n, p in ad.named_parameters() if p.requires_grad}})
         if hooked:
             assert len(seen) == 1 and seen[0].shape == y.shape, name
     assert grads[0].keys() == grads[1].keys()

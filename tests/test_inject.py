@@ -14,8 +14,11 @@ def x_in(dtype=torch.float64):
 
 def all_linear_sites(model):
     """(qualified name, module) of every place that holds a Linear or an Adapter, duplicates kept."""
-    return [(n, m) for n, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, (nn.Linear, lr.Adapter)) and not n.endswith(".base")]
+    return [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, (nn.Linear, lr.Adapter)) and not n.endswith(".base")
+    ]
 
 
 # ----------------------------------------------------------------------------- matching
@@ -63,10 +66,12 @@ def test_modules_to_save_are_never_targets():
     # PEFT: "Adapters should never match on modules to save" -- a pattern that also hits a module
     # inside modules_to_save takes the others; one that hits nothing else is an error.
     net = Net()
-    assert lr.find_targets(net, ["q", "0"], modules_to_save=["blocks.1"]) == [
-        "blocks.0.q", "blocks.0.mlp.0"]
-    with pytest.raises(ValueError, match=r"target '1.q' matches only modules inside "
-                                         r"modules_to_save \(blocks.1.q\), which train whole"):
+    assert lr.find_targets(net, ["q", "0"], modules_to_save=["blocks.1"]) == ["blocks.0.q", "blocks.0.mlp.0"]
+    with pytest.raises(
+        ValueError,
+        match=r"target '1.q' matches only modules inside "
+        r"modules_to_save \(blocks.1.q\), which train whole",
+    ):
         lr.inject(net, "lora", targets=["1.q"], modules_to_save=["blocks.1"], rank=2)
     assert not lr.adapters(net)
 
@@ -80,7 +85,8 @@ def test_shared_linear_is_wrapped_once_and_used_everywhere():
     a0, a1 = net.blocks[0].shared, net.blocks[1].shared
     assert isinstance(a0, lr.Adapter) and isinstance(a1, lr.Adapter), (
         f"the shared Linear is wrapped at blocks.0 ({type(a0).__name__}) but blocks.1 holds "
-        f"a {type(a1).__name__}: both uses must hold the same adapter")
+        f"a {type(a1).__name__}: both uses must hold the same adapter"
+    )
     assert a0 is a1
     assert len(lr.adapters(net)) == 1
     perturb(net)

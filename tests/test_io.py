@@ -21,8 +21,9 @@ def trained(name, options, seed=0, pristine=None):
     """(pristine model, adapted model with every trainable tensor moved off its init)."""
     pristine = pristine or TinyNet()
     model = fresh_copy(pristine)
-    lr.inject(model, name, targets=["q", "v"], modules_to_save=["out"], rank=2, alpha=4.0,
-              seed=seed, **options)
+    lr.inject(
+        model, name, targets=["q", "v"], modules_to_save=["out"], rank=2, alpha=4.0, seed=seed, **options
+    )
     perturb(model)
     return pristine, model.eval()
 
@@ -55,8 +56,16 @@ def test_load_into_a_model_with_the_same_variant_injected(name, options, tmp_pat
         y = model(X)
     lr.save_adapters(model, tmp_path / "ad")
     # the same variant and options but another seed: a different initialisation to overwrite
-    other = lr.inject(fresh_copy(pristine), name, targets=["q", "v"], modules_to_save=["out"],
-                      rank=2, alpha=4.0, seed=1, **options)
+    other = lr.inject(
+        fresh_copy(pristine),
+        name,
+        targets=["q", "v"],
+        modules_to_save=["out"],
+        rank=2,
+        alpha=4.0,
+        seed=1,
+        **options,
+    )
     lr.load_adapters(other, tmp_path / "ad").eval()
     with torch.no_grad():
         assert torch.equal(other(X), y)
@@ -72,7 +81,8 @@ def test_loaded_model_trains_the_same_parameters_as_the_saved_one(name, into, tm
         lr.inject(target, name, targets=["q", "v"], modules_to_save=["out"], rank=2, alpha=4.0)
     lr.load_adapters(target, tmp_path / "ad")
     assert trainable_names(target) == trainable_names(model), (
-        "after load_adapters the model must train what the saved model trained (to resume)")
+        "after load_adapters the model must train what the saved model trained (to resume)"
+    )
 
 
 @pytest.mark.parametrize("name", lr.variants())
@@ -83,8 +93,7 @@ def test_load_into_same_variant_with_other_alpha_is_exact_or_refused(name, tmp_p
     with torch.no_grad():
         y = model(X)
     lr.save_adapters(model, tmp_path / "ad")
-    other = lr.inject(TinyNet(), name, targets=["q", "v"], modules_to_save=["out"],
-                      rank=2, alpha=1.0)
+    other = lr.inject(TinyNet(), name, targets=["q", "v"], modules_to_save=["out"], rank=2, alpha=1.0)
     try:
         lr.load_adapters(other, tmp_path / "ad")
     except lr.AdapterFileError as e:
@@ -94,7 +103,8 @@ def test_load_into_same_variant_with_other_alpha_is_exact_or_refused(name, tmp_p
         got = other.eval()(X)
     assert torch.equal(got, y), (
         f"loaded into a {name!r} adapter with alpha=1 from a file saved with alpha=4: outputs "
-        f"differ by {float((got - y).abs().max()):.3g} and no error was raised")
+        f"differ by {float((got - y).abs().max()):.3g} and no error was raised"
+    )
 
 
 @pytest.mark.parametrize("name", lr.variants())
@@ -183,10 +193,12 @@ def test_save_load_with_a_shared_linear(tmp_path):
 # ----------------------------------------------------------------------------- damaged configs
 def _pop(*keys):
     """Remove config[keys[0]]...[keys[-1]]."""
+
     def damage(cfg):
         for k in keys[:-1]:
             cfg = cfg[k]
         cfg.pop(keys[-1])
+
     return damage
 
 
@@ -195,6 +207,7 @@ def _set(value, *keys):
         for k in keys[:-1]:
             cfg = cfg[k]
         cfg[keys[-1]] = value
+
     return damage
 
 
@@ -202,16 +215,26 @@ DAMAGED = {
     "no-layers": (_pop("layers"), r"has no 'layers'"),
     "layers-not-a-mapping": (_set([1], "layers"), r"'layers' is \[1\], not a mapping of layer names"),
     "layer-not-a-mapping": (_set(3, "layers", "v"), r"layer 'v' is 3, not a mapping"),
-    **{f"no-{key}": (_pop("layers", "v", key), rf"layer 'v' has no '{key}'")
-       for key in ("variant", "options", "in_features", "out_features", "tensors")},
-    "in_features-not-an-integer": (_set("10", "layers", "v", "in_features"),
-                                   r"layer 'v' has in_features='10', not an integer"),
-    "options-not-a-mapping": (_set(None, "layers", "v", "options"),
-                              r"layer 'v' has options=None, not a mapping of options"),
-    "shape-not-sizes": (_set([2, "x"], "layers", "v", "tensors", "A"),
-                        r"tensor v::A has shape \[2, 'x'\], not a list of sizes"),
-    "modules_to_save-not-a-list": (_set("out", "modules_to_save"),
-                                   r"modules_to_save is 'out', not a list of module names"),
+    **{
+        f"no-{key}": (_pop("layers", "v", key), rf"layer 'v' has no '{key}'")
+        for key in ("variant", "options", "in_features", "out_features", "tensors")
+    },
+    "in_features-not-an-integer": (
+        _set("10", "layers", "v", "in_features"),
+        r"layer 'v' has in_features='10', not an integer",
+    ),
+    "options-not-a-mapping": (
+        _set(None, "layers", "v", "options"),
+        r"layer 'v' has options=None, not a mapping of options",
+    ),
+    "shape-not-sizes": (
+        _set([2, "x"], "layers", "v", "tensors", "A"),
+        r"tensor v::A has shape \[2, 'x'\], not a list of sizes",
+    ),
+    "modules_to_save-not-a-list": (
+        _set("out", "modules_to_save"),
+        r"modules_to_save is 'out', not a list of module names",
+    ),
 }
 
 
@@ -240,8 +263,9 @@ def test_a_file_with_tensors_its_config_does_not_list_is_refused(tmp_path):
     path = lr.save_adapters(model, tmp_path / "ad")
     tensors = load_file(path / "adapter.safetensors")
     save_file({**tensors, "v::extra": torch.zeros(3)}, path / "adapter.safetensors")
-    with pytest.raises(lr.AdapterFileError,
-                       match=r"holds tensor 'v::extra', which adapter_config.json does not list"):
+    with pytest.raises(
+        lr.AdapterFileError, match=r"holds tensor 'v::extra', which adapter_config.json does not list"
+    ):
         lr.load_adapters(TinyNet(), path)
 
 

@@ -164,8 +164,9 @@ def test_fit_uv_reaches_the_closed_form(lam):
     closed = float(la.frobenius_objective(W, U0, V0, lam))
     # its value: Σ_{i>r} σᵢ² + Σ_{i≤r} [min(σᵢ, λ)² + 2λ max(σᵢ − λ, 0)]
     top = SIGMA[:r]
-    by_hand = float((SIGMA[r:] ** 2).sum() + (top.clamp_max(lam) ** 2).sum()
-                    + 2 * lam * (top - lam).clamp_min(0).sum())
+    by_hand = float(
+        (SIGMA[r:] ** 2).sum() + (top.clamp_max(lam) ** 2).sum() + 2 * lam * (top - lam).clamp_min(0).sum()
+    )
     assert closed == pytest.approx(by_hand, rel=1e-12)
 
     fit = la.fit_uv(W, r, lam, steps=20_000, tol=1e-15)
@@ -173,7 +174,8 @@ def test_fit_uv_reaches_the_closed_form(lam):
     assert fit.U.shape == (30, r) and fit.V.shape == (20, r) and fit.U.dtype == F64
     assert fit.losses[-1] == pytest.approx(float(la.frobenius_objective(W, fit.U, fit.V, lam)))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(fit.losses, fit.losses[1:], strict=False)), (
-        "gradient descent increased the loss")
+        "gradient descent increased the loss"
+    )
     gap = (fit.losses[-1] - closed) / closed
     assert -1e-12 <= gap < 1e-4, f"fit_uv stopped {gap:.2e} (relative) above the optimum"
     # the fitted singular values are σᵢ − λ thresholded, as SVT at λ gives them (top r); a

@@ -14,8 +14,14 @@ def test_redraws_from_results_alone_byte_for_byte_and_reports_missing_csvs(tmp_p
     (tmp_path / "results").mkdir()
     for name in ("subspace", "overhead"):
         shutil.copy(ROOT / "results" / f"{name}.csv", tmp_path / "results")
-    cmd = [sys.executable, str(tmp_path / "studies" / "make_figures.py"),
-           "--only", "subspace", "overhead", "robustness"]
+    cmd = [
+        sys.executable,
+        str(tmp_path / "studies" / "make_figures.py"),
+        "--only",
+        "subspace",
+        "overhead",
+        "robustness",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stdout + res.stderr  # robustness has no CSV here
     assert "skipped robustness: results/robustness.csv does not exist" in res.stdout
@@ -31,8 +37,12 @@ def test_the_optional_full_size_downstream_run_may_be_missing(tmp_path):
     shutil.copytree(ROOT / "studies", tmp_path / "studies")
     (tmp_path / "results").mkdir()
     shutil.copy(ROOT / "results" / "downstream.csv", tmp_path / "results")
-    res = subprocess.run([sys.executable, str(tmp_path / "studies" / "make_figures.py"), "--only",
-                          "downstream"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(tmp_path / "studies" / "make_figures.py"), "--only", "downstream"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "skipped downstream --paper" in res.stdout
     assert (tmp_path / "paper_figures" / "downstream.png").exists()

@@ -53,7 +53,8 @@ def test_weight_report_of_a_planted_update():
     dW = ad.delta_weight().detach().double()
     assert rep["intruders"] == an.intruder_dimensions(W0 + dW, W0)
     assert (rep["delta_magnitude"], rep["delta_direction"]) == pytest.approx(
-        an.magnitude_direction(W0 + dW, W0), rel=1e-12)
+        an.magnitude_direction(W0 + dW, W0), rel=1e-12
+    )
 
 
 def test_weight_report_of_full_fine_tuning_is_w_minus_w0():
@@ -77,7 +78,8 @@ def trained_digits():
 def test_robust_accuracy_without_attack_is_the_task_accuracy(trained_digits):
     task, model = trained_digits
     assert robust_accuracy(model, task, "test", None) == pytest.approx(
-        task.evaluate(model, "test")["accuracy"], abs=1e-6)  # the task's mean is float32
+        task.evaluate(model, "test")["accuracy"], abs=1e-6
+    )  # the task's mean is float32
     assert robust_accuracy(model, task, "test", fgsm(0.0)) == robust_accuracy(model, task, "test", None)
 
 
@@ -93,8 +95,7 @@ def test_attacks_lower_accuracy_and_pgd_is_at_least_as_strong(trained_digits):
 
 
 def test_run_one_adds_the_measured_columns():
-    spec = RunSpec("digits", "lora", 2, 0, 1e-2, train={"steps": 10},
-                   measure=("weights", "robustness"))
+    spec = RunSpec("digits", "lora", 2, 0, 1e-2, train={"steps": 10}, measure=("weights", "robustness"))
     row = run_one(spec)
     report = json.loads(row["weights"])
     assert set(report) == {"fc1", "fc2"} and report["fc1"]["rank"] == 2
@@ -111,8 +112,7 @@ def test_an_unknown_measure_is_one_sentence():
 
 
 def test_every_row_carries_its_dev_curve():
-    spec = RunSpec("digits", "lora", 2, 0, 1e-2, train={"steps": 30, "batch_size": 64,
-                                                          "eval_every": 10})
+    spec = RunSpec("digits", "lora", 2, 0, 1e-2, train={"steps": 30, "batch_size": 64, "eval_every": 10})
     row = run_one(spec)
     curve = json.loads(row["dev_curve"])
     assert [step for step, _ in curve] == [10, 20, 30]  # each evaluation, the last at the end
@@ -142,8 +142,11 @@ def test_scores_survive_the_csv_with_their_leading_zeros(tmp_path):
     assert df["test_correct"].iloc[0] == "00110" and pd.isna(df["test_correct"].iloc[1])
     assert decode_correct(df["test_correct"].iloc[0]).tolist() == [0, 0, 1, 1, 0]
     naive = pd.read_csv(tmp_path / "r.csv")["test_correct"].iloc[0]  # pandas alone: the number 110
-    with pytest.raises(ValueError, match=r"test_correct=.* is not a string of 0s and 1s; read the CSV "
-                                         r"with lowrank.sweep.read_results"):
+    with pytest.raises(
+        ValueError,
+        match=r"test_correct=.* is not a string of 0s and 1s; read the CSV "
+        r"with lowrank.sweep.read_results",
+    ):
         decode_correct(naive)
 
 
@@ -151,6 +154,9 @@ def test_a_task_without_per_example_scores_says_so_before_training(monkeypatch):
     import lowrank.sweep.run as run
 
     monkeypatch.setattr(run, "train", lambda *a, **k: pytest.fail("trained before refusing"))
-    with pytest.raises(ValueError, match="measure 'predictions' needs per-example test scores, which "
-                                         "task 'synthetic' .* classification task: digits, mnist, text"):
+    with pytest.raises(
+        ValueError,
+        match="measure 'predictions' needs per-example test scores, which "
+        "task 'synthetic' .* classification task: digits, mnist, text",
+    ):
         run_one(RunSpec("synthetic", "lora", 2, 0, 1e-2, measure=("predictions",)))

@@ -34,17 +34,21 @@ def test_inject_on_meta_reads_no_weight_and_allocates_nothing(name):
     for n in TARGETS:  # same shapes, same trainable tensors as on real weights
         assert lr.adapters(model)[n].num_trainable() == lr.adapters(real)[n].num_trainable()
     assert {n: t.shape for n, t in tensors.items()} == {
-        n: t.shape for n, t in [*real.named_parameters(), *real.named_buffers()]}
+        n: t.shape for n, t in [*real.named_parameters(), *real.named_buffers()]
+    }
 
 
 @pytest.mark.parametrize(("name", "options"), SVD_INIT)
 def test_svd_initialisations_need_real_weights(name, options):
     what = "frobenius's init='closed_form'" if options else f"{name}'s initialisation"
     model = meta_tinynet()
-    with pytest.raises(RuntimeError, match=rf"^{what} \(an SVD of W₀\) reads the layer's weight, "
-                                           r"which is on the meta device and holds no values; "
-                                           r"load the real weights first \(model.to_empty\("
-                                           r"device=...\) and load_state_dict\), then inject$"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^{what} \(an SVD of W₀\) reads the layer's weight, "
+        r"which is on the meta device and holds no values; "
+        r"load the real weights first \(model.to_empty\("
+        r"device=...\) and load_state_dict\), then inject$",
+    ):
         lr.inject(model, name, targets=TARGETS, rank=2, **options)
     assert not lr.adapters(model) and all(p.requires_grad for p in model.parameters())
 
@@ -54,8 +58,11 @@ def test_milora_refuses_a_non_finite_weight_as_pissa_does(name):
     lin = nn.Linear(8, 6)
     with torch.no_grad():
         lin.weight[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"^W contains NaN or inf; clean the matrix before "
-                                         r"factorising it$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^W contains NaN or inf; clean the matrix before "
+        r"factorising it$",
+    ):
         lr.make(name, lin, rank=2)
     assert lin.weight.requires_grad
 
@@ -81,8 +88,9 @@ def test_meta_built_lora_loads_real_base_weights_and_a_saved_adapter(tmp_path):
     model = lr.inject(meta_tinynet(), "lora", targets=TARGETS, rank=2)
     model.to_empty(device="cpu")
     # the base weights, under the adapted model's names (q.weight -> q.base.weight)
-    ours = {k.replace("q.", "q.base.").replace("v.", "v.base."): v
-            for k, v in pretrained.state_dict().items()}
+    ours = {
+        k.replace("q.", "q.base.").replace("v.", "v.base."): v for k, v in pretrained.state_dict().items()
+    }
     missing, unexpected = model.load_state_dict(ours, strict=False)
     assert not unexpected and sorted(missing) == ["q.A", "q.B", "v.A", "v.B"]
     lr.load_adapters(model, tmp_path / "ad")

@@ -1,6 +1,5 @@
 """Half-precision bases: merging computes W₀ + ΔW in float32 and casts once; cycles never drift."""
 
-
 import pytest
 import torch
 from torch import nn
@@ -37,8 +36,7 @@ def test_merge_in_half_precision(name, dtype):
         merged = ad.merged_weight()
         assert merged.dtype == dtype
         eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(merged.float(), exact, rtol=2 * eps,
-                                   atol=eps * float(exact.abs().max()))
+        torch.testing.assert_close(merged.float(), exact, rtol=2 * eps, atol=eps * float(exact.abs().max()))
         ad.merge()
         ym = ad(x).float()
         for _ in range(20):

@@ -38,12 +38,13 @@ def test_overcomplete_rank_is_legal_and_warned_once(name):
         ad = lr.make(name, head(), rank=R)
     assert len(record) == 1
     message = str(record[0].message)
-    assert message.startswith(f"rank=8 for a 4x64 layer with variant '{name}' is over-complete: "
-                              "the update is as expressive at rank 4 as at any larger rank")
+    assert message.startswith(
+        f"rank=8 for a 4x64 layer with variant '{name}' is over-complete: "
+        "the update is as expressive at rank 4 as at any larger rank"
+    )
     assert record[0].filename == __file__, "the warning should point at the caller's line"
     assert ad.rank == R
-    assert ad.num_trainable() == sum(
-        torch.Size(s).numel() for s in formula(name)(OUT, IN, R, True).values())
+    assert ad.num_trainable() == sum(torch.Size(s).numel() for s in formula(name)(OUT, IN, R, True).values())
     with warnings.catch_warnings():
         warnings.simplefilter("error", lr.RankWarning)
         lr.make(name, head(), rank=R)  # the same (variant, shape, rank) again: silent
@@ -74,22 +75,30 @@ def test_vera_gains_expressiveness_above_min_out_in():
 def test_random_alignment_takes_ranks_up_to_in():
     ad = lr.make("random_alignment", head(), rank=R)  # 8 > out = 4: B A reaches an 8-dim row space
     torch.testing.assert_close(ad.A @ ad.A.T, torch.eye(R), atol=1e-6, rtol=0)  # float32 QR
-    with pytest.raises(ValueError, match=r"^rank=5 is invalid for a 64x4 layer with variant "
-                                         r"'random_alignment', as A's r rows are orthonormal "
-                                         r"vectors of ℝ\^in, of which there are at most in; "
-                                         r"choose an integer rank between 1 and 4$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rank=5 is invalid for a 64x4 layer with variant "
+        r"'random_alignment', as A's r rows are orthonormal "
+        r"vectors of ℝ\^in, of which there are at most in; "
+        r"choose an integer rank between 1 and 4$",
+    ):
         lr.make("random_alignment", head(64, 4), rank=5)
 
 
 @pytest.mark.parametrize(("name", "options"), SVD_INIT)
 def test_svd_initialised_factors_refuse_more_than_min_out_in(name, options):
-    why = ("init='closed_form' starts the factors at r of the closed form's min(out, in) "
-           "singular triplets" if options else "its factors start at r of W₀'s min(out, in) "
-           "singular triplets")
+    why = (
+        "init='closed_form' starts the factors at r of the closed form's min(out, in) singular triplets"
+        if options
+        else "its factors start at r of W₀'s min(out, in) singular triplets"
+    )
     lin = head()
-    with pytest.raises(ValueError, match=rf"^rank=5 is invalid for a 4x64 layer with variant "
-                                         rf"'{name}', as {re.escape(why)}; choose an integer "
-                                         rf"rank between 1 and 4$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^rank=5 is invalid for a 4x64 layer with variant "
+        rf"'{name}', as {re.escape(why)}; choose an integer "
+        rf"rank between 1 and 4$",
+    ):
         lr.make(name, lin, rank=5, **options)
     assert lin.weight.requires_grad, "a failed make must leave the caller's layer as it was"
     lr.make(name, head(), rank=4, **options)
@@ -110,8 +119,14 @@ def test_check_rank_is_a_classmethod_of_the_options():
 
 
 def tiny_bert_classifier():
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, num_labels=4, vocab_size=100)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        num_labels=4,
+        vocab_size=100,
+    )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config).double().eval()
 
@@ -124,7 +139,8 @@ def test_all_linear_at_rank_8_adapts_the_4x64_classifier_as_peft_does(tmp_path):
     with pytest.warns(lr.RankWarning) as record:
         ours = lr.inject(copy.deepcopy(base), "lora", targets="all-linear", rank=R, alpha=16)
     assert [str(w.message).split(" is ")[0] for w in record] == [
-        "rank=8 for a 4x64 layer with variant 'lora'"], "only the classifier is over-complete"
+        "rank=8 for a 4x64 layer with variant 'lora'"
+    ], "only the classifier is over-complete"
     assert sorted(lr.adapters(ours)) == sorted(theirs.targeted_module_names)
     with torch.no_grad():
         for name, ad in lr.adapters(ours).items():
@@ -133,16 +149,21 @@ def test_all_linear_at_rank_8_adapts_the_4x64_classifier_as_peft_does(tmp_path):
             ad.B.copy_(layer.lora_B["default"].weight)
     ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        y_theirs, y_ours, y_base = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, base(
-            input_ids=ids).logits
+        y_theirs, y_ours, y_base = (
+            theirs(input_ids=ids).logits,
+            ours(input_ids=ids).logits,
+            base(input_ids=ids).logits,
+        )
         theirs.save_pretrained(tmp_path / "peft")
         loaded = lr.from_peft(copy.deepcopy(base), tmp_path / "peft").eval()
         y_loaded = loaded(input_ids=ids).logits
     # float64 throughout: the two routes (PEFT's and lowrank's forward) differ by a few roundings
     # of ~1e-16 per term over two layers; 1e-10 is far below the O(1e-2) effect of the adapters.
     effect, d_inject, d_loaded = (float((y - y_theirs).abs().max()) for y in (y_base, y_ours, y_loaded))
-    print(f"\nBERT all-linear r=8 vs PEFT: adapters move the logits by {effect:.2e}; max abs diff "
-          f"inject {d_inject:.2e}, from_peft {d_loaded:.2e}")
+    print(
+        f"\nBERT all-linear r=8 vs PEFT: adapters move the logits by {effect:.2e}; max abs diff "
+        f"inject {d_inject:.2e}, from_peft {d_loaded:.2e}"
+    )
     assert effect > 1e-3 and d_inject < 1e-10 and d_loaded < 1e-10
     assert lr.adapters(loaded)["classifier"].rank == R
 

@@ -30,8 +30,7 @@ def peft_layer(peft_model, name):
 def both_sides(variant, **peft_options):
     base = TinyNet()
     ours = lr.inject(copy.deepcopy(base), variant, targets=["q", "v"], rank=R, alpha=ALPHA)
-    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q", "v"], lora_dropout=0.0,
-                        **peft_options)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q", "v"], lora_dropout=0.0, **peft_options)
     theirs = get_peft_model(copy.deepcopy(base), config)  # PEFT mutates the model it is given
     return base, ours.eval(), theirs.eval()
 

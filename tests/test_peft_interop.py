@@ -49,8 +49,15 @@ class Net(nn.Module):
 def peft_config(variant, **extra):
     if variant == "vera":
         return VeraConfig(r=R, target_modules=["q", "v"], save_projection=True, **extra)
-    return LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q", "v"], lora_dropout=0.0,
-                      use_rslora=variant == "rslora", use_dora=variant == "dora", **extra)
+    return LoraConfig(
+        r=R,
+        lora_alpha=ALPHA,
+        target_modules=["q", "v"],
+        lora_dropout=0.0,
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
+        **extra,
+    )
 
 
 def diff(a, b):
@@ -92,8 +99,9 @@ def test_peft_trained_adapter_loads_into_lowrank(tmp_path, variant):
 def test_lowrank_adapter_loads_into_peft(tmp_path, variant):
     base = Net()
     options = {"projection_shape": (12, 12)} if variant == "vera" else {"alpha": ALPHA}
-    ours = lr.inject(copy.deepcopy(base), variant, targets=["q", "v"], rank=R,
-                     modules_to_save=["head"], **options)
+    ours = lr.inject(
+        copy.deepcopy(base), variant, targets=["q", "v"], rank=R, modules_to_save=["head"], **options
+    )
     with torch.no_grad():
         perturb(ours)
     lr.io.to_peft(ours, tmp_path / "peft")
@@ -119,8 +127,9 @@ def test_peft_rank_pattern_gives_each_layer_its_own_rank(tmp_path):
 @pytest.mark.parametrize("variant", ["lora", "rslora"])
 def test_peft_alpha_pattern_gives_each_layer_peft_s_scale(tmp_path, variant):
     base = Net()
-    theirs = get_peft_model(copy.deepcopy(base), peft_config(
-        variant, rank_pattern={"v": 2}, alpha_pattern={"v": 3}))
+    theirs = get_peft_model(
+        copy.deepcopy(base), peft_config(variant, rank_pattern={"v": 2}, alpha_pattern={"v": 3})
+    )
     perturb(theirs)
     theirs.save_pretrained(tmp_path)
     ours = lr.io.from_peft(copy.deepcopy(base), tmp_path)
@@ -175,22 +184,38 @@ def test_to_peft_with_mixed_ranks_and_alphas_writes_patterns_peft_applies(tmp_pa
     y_ours = outputs_agree(ours, theirs, base, X, f"lowrank {variant} mixed ranks/alphas -> PEFT")
     again = lr.io.from_peft(copy.deepcopy(base), tmp_path / "peft")
     assert {n: (a.rank, a.scale) for n, a in lr.adapters(again).items()} == {
-        n: (a.rank, a.scale) for n, a in lr.adapters(ours).items()}
+        n: (a.rank, a.scale) for n, a in lr.adapters(ours).items()
+    }
     assert diff(again.eval()(X), y_ours) < TOL
 
 
 # Variants exported as plain PEFT LoRA, and whether they train on a residual (rank-2r form).
-AS_LORA = [("pissa", {}, True), ("milora", {}, True), ("pissa", {"svd": "randomized"}, True),
-           ("frobenius", {"init": "closed_form", "lam": 0.05}, True), ("frobenius", {}, False),
-           ("random_alignment", {}, False)]
+AS_LORA = [
+    ("pissa", {}, True),
+    ("milora", {}, True),
+    ("pissa", {"svd": "randomized"}, True),
+    ("frobenius", {"init": "closed_form", "lam": 0.05}, True),
+    ("frobenius", {}, False),
+    ("random_alignment", {}, False),
+]
 
 
-@pytest.mark.parametrize(("variant", "options", "residual"), AS_LORA,
-                         ids=[v + "-" + "-".join(map(str, o.values())) for v, o, _ in AS_LORA])
+@pytest.mark.parametrize(
+    ("variant", "options", "residual"),
+    AS_LORA,
+    ids=[v + "-" + "-".join(map(str, o.values())) for v, o, _ in AS_LORA],
+)
 def test_b_a_family_exports_as_peft_lora_on_the_unmodified_base(tmp_path, variant, options, residual):
     base = Net()
-    ours = lr.inject(copy.deepcopy(base), variant, targets=["q", "v"], rank=R, alpha=ALPHA,
-                     modules_to_save=["head"], **options)
+    ours = lr.inject(
+        copy.deepcopy(base),
+        variant,
+        targets=["q", "v"],
+        rank=R,
+        alpha=ALPHA,
+        modules_to_save=["head"],
+        **options,
+    )
     perturb(ours)
     lr.io.to_peft(ours, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -211,8 +236,14 @@ def test_b_a_family_exports_as_peft_lora_on_the_unmodified_base(tmp_path, varian
 
 
 # ----------------------------------------------------------------------------- SEQ_CLS on BERT
-BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            num_labels=4, vocab_size=100)
+BERT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    num_labels=4,
+    vocab_size=100,
+)
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(4))
 MASK = torch.ones_like(IDS).index_fill_(1, torch.tensor([7, 8]), 0)
 
@@ -237,8 +268,10 @@ def test_peft_seq_cls_adapter_loads_with_its_trained_head(tmp_path):
     1e-5: the LoRA branch is summed in another order than PEFT's (a few float32 roundings,
     ~1e-7 relative, through two layers of O(1) activations)."""
     base = bert()
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
-        task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=["query", "value"]))
+    theirs = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=["query", "value"]),
+    )
     assert theirs.peft_config["default"].modules_to_save == ["classifier", "score"]
     perturb(theirs)  # lora_A, lora_B and PEFT's trainable copy of the classifier
     theirs.save_pretrained(tmp_path)
@@ -254,13 +287,20 @@ def test_peft_seq_cls_adapter_loads_with_its_trained_head(tmp_path):
 
 def test_lowrank_adapter_with_a_trained_classifier_loads_into_peft(tmp_path):
     base = bert()
-    ours = lr.inject(copy.deepcopy(base), "lora", targets=["query", "value"], rank=R,
-                     alpha=ALPHA, modules_to_save=["classifier"])
+    ours = lr.inject(
+        copy.deepcopy(base),
+        "lora",
+        targets=["query", "value"],
+        rank=R,
+        alpha=ALPHA,
+        modules_to_save=["classifier"],
+    )
     perturb(ours)
     lr.io.to_peft(ours, tmp_path / "peft")
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
-    assert torch.equal(theirs.base_model.model.classifier.modules_to_save["default"].weight,
-                       ours.classifier.weight)
+    assert torch.equal(
+        theirs.base_model.model.classifier.modules_to_save["default"].weight, ours.classifier.weight
+    )
     d = diff(logits(ours), logits(theirs))
     print(f"\nlowrank BERT + classifier -> PEFT {peft.__version__}: max abs logit diff {d:.2e}")
     assert diff(logits(ours), logits(base)) > 0.1 and d < TOL
@@ -317,9 +357,11 @@ def test_to_peft_refuses_a_modules_to_save_name_peft_would_also_match_elsewhere(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("config", [LoraConfig(r=2, target_modules=["q"], use_dora=True),
-                                    VeraConfig(r=2, target_modules=["q", "v"])],
-                         ids=["lora", "vera"])
+@pytest.mark.parametrize(
+    "config",
+    [LoraConfig(r=2, target_modules=["q"], use_dora=True), VeraConfig(r=2, target_modules=["q", "v"])],
+    ids=["lora", "vera"],
+)
 def test_peft_inner_module_names_are_peft_s(config):
     """io's list of the submodules PEFT creates inside an adapted layer is PEFT's."""
     theirs = get_peft_model(Net(), config)
@@ -329,12 +371,14 @@ def test_peft_inner_module_names_are_peft_s(config):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"bias": "all"}, "bias"),
-     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-     ({"init_lora_weights": "pissa"}, "modified base model"),
-     ({"use_dora": True, "use_rslora": True}, "use_rslora"),
-     ({"layers_to_transform": [0]}, "layers_to_transform"),
-     ({"peft_type": "LOHA"}, "not supported")],
+    [
+        ({"bias": "all"}, "bias"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"init_lora_weights": "pissa"}, "modified base model"),
+        ({"use_dora": True, "use_rslora": True}, "use_rslora"),
+        ({"layers_to_transform": [0]}, "layers_to_transform"),
+        ({"peft_type": "LOHA"}, "not supported"),
+    ],
 )
 def test_from_peft_refuses_what_lowrank_cannot_represent(tmp_path, change, message):
     theirs = get_peft_model(Net(), peft_config("lora" if "use_dora" not in change else "dora"))
@@ -387,8 +431,11 @@ def test_a_variant_s_peft_format_is_what_peft_writes(tmp_path, variant):
     assert saved["peft_type"] == fmt.peft_type
     assert {k: saved[k] for k in fmt.config} == fmt.config
     prefix = "base_model.model.q."
-    theirs = {k.removeprefix(prefix): tuple(t.shape)
-              for k, t in load_file(tmp_path / "adapter_model.safetensors").items() if k.startswith(prefix)}
+    theirs = {
+        k.removeprefix(prefix): tuple(t.shape)
+        for k, t in load_file(tmp_path / "adapter_model.safetensors").items()
+        if k.startswith(prefix)
+    }
     ours = lr.make(variant, Net().q, rank=R).adapter_state()  # r = 4 ≠ out = 12: a swap shows
     assert theirs == {fmt.tensors[k]: tuple(t.shape) for k, t in ours.items()}
     assert {ad.name for ad in lr.adapters(lr.io.from_peft(Net(), tmp_path)).values()} == {variant}
@@ -400,8 +447,7 @@ def test_every_variant_goes_to_peft_with_its_outputs_or_is_refused(tmp_path, nam
     into PEFT with the same outputs (to 1e-5, as above), one that does not is refused with its
     name and nothing is written."""
     base = nn.Sequential(OrderedDict(q=pretrained_linear(dtype=torch.float32)))
-    ours = lr.inject(copy.deepcopy(base), name, targets=["q"], rank=CASE_RANK, alpha=CASE_ALPHA,
-                     **options)
+    ours = lr.inject(copy.deepcopy(base), name, targets=["q"], rank=CASE_RANK, alpha=CASE_ALPHA, **options)
     perturb(ours)
     x = torch.randn(5, base.q.in_features, generator=torch.Generator().manual_seed(2))
     if ours.q.peft_export() is None:

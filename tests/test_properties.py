@@ -56,8 +56,7 @@ def test_adapter_laws_or_one_clear_error(variant, out_f, in_f, rank, dtype, bias
         torch.testing.assert_close(y, ref, rtol=0, atol=ATOL[dtype] * max(1.0, float(ref.abs().max())))
         w = ad.base.weight.clone()
         ad.merge()
-        torch.testing.assert_close(model(x), ref, rtol=0,
-                                   atol=ATOL[dtype] * max(1.0, float(ref.abs().max())))
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=ATOL[dtype] * max(1.0, float(ref.abs().max())))
         ad.unmerge()
         assert torch.equal(ad.base.weight, w)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,13 +16,14 @@ def python_blocks(text: str, section: str) -> list[tuple[int, str]]:
     assert start > 0, f"no {section!r} heading in the text"
     end = text.find("\n## ", start)
     end = len(text) if end < 0 else end
-    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1))
-            for m in _BLOCK.finditer(text, start, end)]
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in _BLOCK.finditer(text, start, end)]
 
 
 def test_python_blocks_are_those_of_the_section_with_their_line_numbers():
-    text = ("intro\n```python\nskipped()\n```\n## Quick start\n```python\nx = 1\n```\n\n"
-            "```bash\nls\n```\n```python\ny = 2\nz = 3\n```\n## Next\n```python\nskipped()\n```\n")
+    text = (
+        "intro\n```python\nskipped()\n```\n## Quick start\n```python\nx = 1\n```\n\n"
+        "```bash\nls\n```\n```python\ny = 2\nz = 3\n```\n## Next\n```python\nskipped()\n```\n"
+    )
     assert python_blocks(text, "## Quick start") == [(7, "x = 1\n"), (14, "y = 2\nz = 3\n")]
 
 

@@ -13,9 +13,27 @@ from lowrank.sweep import RunSpec, run_one
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "robustness.py"
-COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "adversarial", "adv_eps",
-           "adv_weight", "adv_steps", "robust_eps", "test_accuracy", "test_clean_accuracy",
-           "test_fgsm_accuracy", "test_pgd_accuracy", "lr_selected", "lr_selection", "git_commit"}
+COLUMNS = {
+    "run_id",
+    "task",
+    "variant",
+    "rank",
+    "seed",
+    "lr",
+    "status",
+    "adversarial",
+    "adv_eps",
+    "adv_weight",
+    "adv_steps",
+    "robust_eps",
+    "test_accuracy",
+    "test_clean_accuracy",
+    "test_fgsm_accuracy",
+    "test_pgd_accuracy",
+    "lr_selected",
+    "lr_selection",
+    "git_commit",
+}
 
 
 robustness = load_study("robustness.py")
@@ -44,8 +62,10 @@ def test_quick_writes_csv_and_figure_and_redraws(quick):
     assert set(df["adversarial"].fillna("none")) == {"none", "fgsm", "pgd"}
     assert (df["robust_eps"] == 0.1).all() and (df["adv_eps"] == 0.1).all()
     assert not list(out.parent.glob(f".{out.stem}.*.csv"))  # the per-mode shards were merged
-    for ext, check in (("pdf", lambda b: b.startswith(b"%PDF") and b"/FontFile2" in b),
-                       ("png", lambda b: len(b) > 10_000)):
+    for ext, check in (
+        ("pdf", lambda b: b.startswith(b"%PDF") and b"/FontFile2" in b),
+        ("png", lambda b: len(b) > 10_000),
+    ):
         path = fig.with_suffix(f".{ext}")
         assert check(path.read_bytes())
         path.unlink()
@@ -82,8 +102,15 @@ def test_adversarial_training_buys_robust_accuracy(quick):
 
 
 def test_at_zero_radius_every_robust_accuracy_is_the_clean_one():
-    spec = RunSpec("digits", "lora", 4, 0, 1e-2, measure=("robustness",),
-                   train={"steps": 20, "adversarial": "pgd", "adv_eps": 0.0})
+    spec = RunSpec(
+        "digits",
+        "lora",
+        4,
+        0,
+        1e-2,
+        measure=("robustness",),
+        train={"steps": 20, "adversarial": "pgd", "adv_eps": 0.0},
+    )
     row = run_one(spec)
     assert row["robust_eps"] == 0.0
     assert row["test_fgsm_accuracy"] == row["test_pgd_accuracy"] == row["test_clean_accuracy"]
@@ -92,19 +119,32 @@ def test_at_zero_radius_every_robust_accuracy_is_the_clean_one():
 def test_help_lists_the_options():
     res = study("--help")
     assert res.returncode == 0
-    for flag in ("--quick", "--plot-only", "--out", "--figure", "--workers", "--quiet", "--eps",
-                 "--modes", "--lr-grid", "--ranks"):
+    for flag in (
+        "--quick",
+        "--plot-only",
+        "--out",
+        "--figure",
+        "--workers",
+        "--quiet",
+        "--eps",
+        "--modes",
+        "--lr-grid",
+        "--ranks",
+    ):
         assert flag in res.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ranks", "16"], "--ranks 16 is too large for mnist"),
-    (["--modes", "trades"], "unknown training mode 'trades'"),
-    (["--eps", "8"], "--eps 8.0 is not a pixel radius"),
-    (["--variants", "lorax"], "unknown variant 'lorax'"),
-    (["--task", "text"], "task 'text' is not supported here"),
-    (["--task-options", '{"angel": 30}'], "--task-options key 'angel' is unknown for task 'mnist'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ranks", "16"], "--ranks 16 is too large for mnist"),
+        (["--modes", "trades"], "unknown training mode 'trades'"),
+        (["--eps", "8"], "--eps 8.0 is not a pixel radius"),
+        (["--variants", "lorax"], "unknown variant 'lorax'"),
+        (["--task", "text"], "task 'text' is not supported here"),
+        (["--task-options", '{"angel": 30}'], "--task-options key 'angel' is unknown for task 'mnist'"),
+    ],
+)
 def test_bad_input_is_refused_in_one_sentence(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         robustness.parse(args)
@@ -114,7 +154,11 @@ def test_bad_input_is_refused_in_one_sentence(args, message, capsys):
 
 
 def test_plot_only_without_a_csv_says_so(tmp_path, capsys):
-    assert robustness.main(["--plot-only", "--out", str(tmp_path / "missing.csv"),
-                            "--figure", str(tmp_path / "f")]) == 1
+    assert (
+        robustness.main(
+            ["--plot-only", "--out", str(tmp_path / "missing.csv"), "--figure", str(tmp_path / "f")]
+        )
+        == 1
+    )
     assert "does not exist; run without --plot-only first" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()

@@ -30,28 +30,93 @@ def study():
 def quick(tmp_path_factory):
     d = tmp_path_factory.mktemp("spectra")
     other = d / "other.csv"  # a real sweep of another task, two learning rates, weights measured
-    tuned_sweep([RunSpec("synthetic", "lora", 2, 0, 0.0, train={"steps": 40, "batch_size": 32},
-                         measure=("weights",))], [1e-2, 1e-1], [0], other, progress=False)
+    tuned_sweep(
+        [
+            RunSpec(
+                "synthetic", "lora", 2, 0, 0.0, train={"steps": 40, "batch_size": 32}, measure=("weights",)
+            )
+        ],
+        [1e-2, 1e-1],
+        [0],
+        other,
+        progress=False,
+    )
     out, fig = d / "sp.csv", d / "sp"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--quiet", "--workers", "1",
-                          "--include", str(other), "--out", str(out), "--figure", str(fig)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--quiet",
+            "--workers",
+            "1",
+            "--include",
+            str(other),
+            "--out",
+            str(out),
+            "--figure",
+            str(fig),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    return {"stdout": res.stdout, "table": pd.read_csv(out), "runs": pd.read_csv(d / "sp_runs.csv"),
-            "other": pd.read_csv(other), "out": out, "fig": fig}
+    return {
+        "stdout": res.stdout,
+        "table": pd.read_csv(out),
+        "runs": pd.read_csv(d / "sp_runs.csv"),
+        "other": pd.read_csv(other),
+        "out": out,
+        "fig": fig,
+    }
 
 
 def test_quick_writes_the_sweep_the_table_and_the_figure(quick):
     runs, table = quick["runs"], quick["table"]
-    assert {"run_id", "variant", "rank", "seed", "lr", "status", "weights", "lr_selected",
-            "test_accuracy"} <= set(runs.columns)
+    assert {
+        "run_id",
+        "variant",
+        "rank",
+        "seed",
+        "lr",
+        "status",
+        "weights",
+        "lr_selected",
+        "test_accuracy",
+    } <= set(runs.columns)
     assert (runs["status"] == "ok").all()
-    assert {"task", "dataset", "variant", "rank", "seed", "run_id", "layer", "kind", "i", "sigma",
-            "sigma_rel", "energy", "effective_rank", "eff_rank_over_r", "rank90", "stable_rank",
-            "energy_in_rank", "numerical_rank", "test_score"} <= set(table.columns)
+    assert {
+        "task",
+        "dataset",
+        "variant",
+        "rank",
+        "seed",
+        "run_id",
+        "layer",
+        "kind",
+        "i",
+        "sigma",
+        "sigma_rel",
+        "energy",
+        "effective_rank",
+        "eff_rank_over_r",
+        "rank90",
+        "stable_rank",
+        "energy_in_rank",
+        "numerical_rank",
+        "test_score",
+    } <= set(table.columns)
     assert set(table["task"]) == {"digits", "synthetic"}
     assert set(table.loc[table["task"] == "digits", "variant"]) == {
-        "full", "lora", "pissa", "vera", "adalora", "dora", "loha"}
+        "full",
+        "lora",
+        "pissa",
+        "vera",
+        "adalora",
+        "dora",
+        "loha",
+    }
     assert "per layer, mean over seeds" in quick["stdout"] and "top r directions" in quick["stdout"]
     assert_figure(quick["fig"])
 
@@ -81,8 +146,7 @@ def test_the_table_round_trips_the_weight_reports_exactly(quick):
             if min(rep["shape"]) <= len(rep["sv"]):  # every σ stored: the summaries follow from them
                 p = sv["sigma"].to_numpy() / sv["sigma"].sum()
                 p = p[p > 0]
-                assert np.exp(-(p * np.log(p)).sum()) == pytest.approx(rep["effective_rank"],
-                                                                       rel=1e-9)
+                assert np.exp(-(p * np.log(p)).sum()) == pytest.approx(rep["effective_rank"], rel=1e-9)
                 assert sv["energy"].iloc[-1] == pytest.approx(1.0, rel=1e-9)
 
 
@@ -142,16 +206,27 @@ def test_plot_only_redraws_without_training(quick, capsys):
 
 def test_help_lists_the_options():
     res = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
-    for flag in ("--quick", "--plot-only", "--include", "--workers", "--out", "--figure",
-                 "--spectrum-rank", "--quiet"):
+    for flag in (
+        "--quick",
+        "--plot-only",
+        "--include",
+        "--workers",
+        "--out",
+        "--figure",
+        "--spectrum-rank",
+        "--quiet",
+    ):
         assert flag in res.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--include", "no/such.csv"], "--include no/such.csv does not exist"),
-    (["--variants", "lorax"], "unknown variant 'lorax'"),
-    (["--ranks", "0"], "must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--include", "no/such.csv"], "--include no/such.csv does not exist"),
+        (["--variants", "lorax"], "unknown variant 'lorax'"),
+        (["--ranks", "0"], "must be at least 1"),
+    ],
+)
 def test_bad_input_is_refused_with_one_sentence(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         study().parse(argv)
@@ -160,8 +235,7 @@ def test_bad_input_is_refused_with_one_sentence(argv, message, capsys):
     assert message in err and err.count(". ") == 0
 
 
-def test_text_rows_come_from_the_full_size_downstream_run_when_there_is_one(tmp_path, monkeypatch,
-                                                                            capsys):
+def test_text_rows_come_from_the_full_size_downstream_run_when_there_is_one(tmp_path, monkeypatch, capsys):
     sp = study()
     paper, default = tmp_path / "downstream_paper.csv", tmp_path / "downstream.csv"
     monkeypatch.setattr(sp, "DEFAULT_INCLUDES", [paper, default])

@@ -90,11 +90,13 @@ def test_holm_on_a_hand_computed_family_and_against_its_definition():
 
 @pytest.mark.parametrize(
     ("a", "b", "kwargs", "message"),
-    [([1, 0, 1], [1, 0], {}, "paired"),
-     ([1, 0], [1, np.nan], {}, "NaN"),
-     ([], [], {}, "shape"),
-     ([1, 0], [0, 1], {"n_boot": 10}, "n_boot"),
-     ([1, 0], [0, 1], {"level": 95}, "level")],
+    [
+        ([1, 0, 1], [1, 0], {}, "paired"),
+        ([1, 0], [1, np.nan], {}, "NaN"),
+        ([], [], {}, "shape"),
+        ([1, 0], [0, 1], {"n_boot": 10}, "n_boot"),
+        ([1, 0], [0, 1], {"level": 95}, "level"),
+    ],
 )
 def test_bad_input_is_one_sentence(a, b, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -12,9 +12,26 @@ import lowrank as lr
 from lowrank.sweep import RunSpec, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = {"run_id", "task", "variant", "rank", "seed", "lr", "status", "trainable_params",
-           "train_seconds", "peak_mem_mb", "torch_version", "lowrank_version", "git_commit",
-           "cpu", "threads", "dtype", "steps", "batch_size"}
+COLUMNS = {
+    "run_id",
+    "task",
+    "variant",
+    "rank",
+    "seed",
+    "lr",
+    "status",
+    "trainable_params",
+    "train_seconds",
+    "peak_mem_mb",
+    "torch_version",
+    "lowrank_version",
+    "git_commit",
+    "cpu",
+    "threads",
+    "dtype",
+    "steps",
+    "batch_size",
+}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -25,8 +42,9 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_rank_ablation_quick_writes_csv_and_figure_and_redraws(tmp_path):
     out, fig = tmp_path / "ra.csv", tmp_path / "ra"
-    res = run("rank_ablation.py", "--quick", "--quiet", "--workers", "1", "--out", str(out),
-              "--figure", str(fig))
+    res = run(
+        "rank_ablation.py", "--quick", "--quiet", "--workers", "1", "--out", str(out), "--figure", str(fig)
+    )
     assert "elapsed" in res.stdout
     df = pd.read_csv(out)
     assert COLUMNS <= set(df.columns)
@@ -51,15 +69,17 @@ def test_rank_ablation_help_explains_the_options():
 
 
 def test_rank_ablation_rejects_unknown_names():
-    res = subprocess.run([sys.executable, str(ROOT / "studies" / "rank_ablation.py"),
-                          "--variants", "lorax"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "studies" / "rank_ablation.py"), "--variants", "lorax"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "unknown variant 'lorax'" in res.stderr
 
 
 def test_overhead_quick_measures_every_variant_and_redraws(tmp_path):
     out, fig = tmp_path / "o.csv", tmp_path / "o"
-    res = run("overhead.py", "--quick", "--quiet", "--no-peft", "--out", str(out),
-              "--figure", str(fig))
+    res = run("overhead.py", "--quick", "--quiet", "--no-peft", "--out", str(out), "--figure", str(fig))
     assert " done (" not in res.stderr  # --quiet: no progress lines
     df = pd.read_csv(out)
     merged = {f"{v} (merged)" for v in lr.variants() if v != "full"}
@@ -71,13 +91,11 @@ def test_overhead_quick_measures_every_variant_and_redraws(tmp_path):
     assert_figure(fig)
 
 
-SPECS = [RunSpec("synthetic", "lora", r, 0, 1e-2, train={"steps": 10, "batch_size": 32})
-         for r in (1, 2)]
+SPECS = [RunSpec("synthetic", "lora", r, 0, 1e-2, train={"steps": 10, "batch_size": 32}) for r in (1, 2)]
 
 
 def _metrics(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values("rank")[["run_id", "test_delta_error", "dev_delta_error"]].reset_index(
-        drop=True)
+    return df.sort_values("rank")[["run_id", "test_delta_error", "dev_delta_error"]].reset_index(drop=True)
 
 
 @pytest.mark.parametrize("executor", ["local", "dask"])
@@ -90,10 +108,10 @@ def test_parallel_executors_give_the_serial_results(tmp_path, executor):
 def test_dask_executor_on_an_external_scheduler(tmp_path):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        df = sweep(SPECS, tmp_path / "d.csv", executor="dask", scheduler=cluster.scheduler_address,
-                   progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        df = sweep(
+            SPECS, tmp_path / "d.csv", executor="dask", scheduler=cluster.scheduler_address, progress=False
+        )
     assert len(df) == 2 and (df["status"] == "ok").all()
 
 

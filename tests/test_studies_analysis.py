@@ -34,10 +34,27 @@ def test_reconstruction_quick_writes_csv_and_figure_and_redraws(tmp_path):
     res = run("reconstruction.py", "--quick", "--out", str(out), "--figure", str(fig))
     assert "Eckart–Young" in res.stdout
     df = pd.read_csv(out)
-    assert {"matrix", "kind", "method", "rank", "lam_rel", "error", "eckart_young", "ratio",
-            "seconds", "closed_form_error", "gap_to_closed_form"} <= set(df.columns)
-    assert set(df["method"]) == {"svd", "randomized_svd", "gd_uv", "closed_form",
-                                 "random_projection", "lora_adam"}
+    assert {
+        "matrix",
+        "kind",
+        "method",
+        "rank",
+        "lam_rel",
+        "error",
+        "eckart_young",
+        "ratio",
+        "seconds",
+        "closed_form_error",
+        "gap_to_closed_form",
+    } <= set(df.columns)
+    assert set(df["method"]) == {
+        "svd",
+        "randomized_svd",
+        "gd_uv",
+        "closed_form",
+        "random_projection",
+        "lora_adam",
+    }
     assert {"synthetic", "minilm"} == set(df["kind"])
     svd = df[df["method"] == "svd"]
     assert (svd["ratio"] - 1).abs().max() < 1e-4  # the exact SVD is the bound
@@ -50,8 +67,7 @@ def test_subspace_quick_writes_csv_and_figure_and_redraws(tmp_path):
     out, fig = tmp_path / "sub.csv", tmp_path / "sub"
     run("subspace.py", "--quick", "--out", str(out), "--figure", str(fig))
     df = pd.read_csv(out)
-    assert {"kind", "layer", "pair", "i", "j", "phi", "rank", "seed", "amplification"} <= set(
-        df.columns)
+    assert {"kind", "layer", "pair", "i", "j", "phi", "rank", "seed", "amplification"} <= set(df.columns)
     phi = df[df["kind"] == "phi"]
     assert set(phi["pair"]) == {"r8 vs r16", "r8 seed 0 vs 1"}
     assert set(phi["layer"]) == {"fc1", "fc2"} and phi["phi"].between(0, 1 + 1e-9).all()

@@ -16,17 +16,26 @@ TRAIN = {"steps": 5, "batch_size": 32}
 def fake_row(spec: RunSpec) -> dict:
     """A deterministic stand-in for a training run: dev metric peaks at lr = 1e-2."""
     score = -abs(__import__("math").log10(spec.lr) + 2) + 0.01 * (spec.rank or 0)
-    return {sw.KEY: spec.run_id, "task": spec.task, "variant": spec.variant, "rank": spec.rank,
-            "seed": spec.seed, "lr": spec.lr, "status": "ok", "metric": "accuracy",
-            "higher_is_better": True, "task_options": json.dumps(spec.task_options),
-            "variant_options": json.dumps(spec.variant_options),
-            "dev_accuracy": score, "test_accuracy": score + spec.seed,
-            COLUMN: code_fingerprint()}
+    return {
+        sw.KEY: spec.run_id,
+        "task": spec.task,
+        "variant": spec.variant,
+        "rank": spec.rank,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "status": "ok",
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "task_options": json.dumps(spec.task_options),
+        "variant_options": json.dumps(spec.variant_options),
+        "dev_accuracy": score,
+        "test_accuracy": score + spec.seed,
+        COLUMN: code_fingerprint(),
+    }
 
 
 def grid(n_ranks=3):
-    return [RunSpec("synthetic", "lora", r, seed=0, lr=0.0, train=TRAIN)
-            for r in range(1, n_ranks + 1)]
+    return [RunSpec("synthetic", "lora", r, seed=0, lr=0.0, train=TRAIN) for r in range(1, n_ranks + 1)]
 
 
 def test_run_id_is_a_stable_function_of_the_whole_spec():
@@ -42,16 +51,36 @@ def test_run_id_is_a_stable_function_of_the_whole_spec():
 # results/rank_ablation.csv (synthetic lora r=4, digits full) and results/spectra_runs.csv.
 STUDY_TRAIN = {"steps": 300, "batch_size": 64, "eval_every": 300}
 PINNED = [
-    (RunSpec("synthetic", "lora", 4, seed=0, lr=0.01, train=STUDY_TRAIN),
-     "b1f13037039f2ea7", "6a139ae65b879878"),
-    (RunSpec("digits", "full", None, seed=0, lr=0.003, train=STUDY_TRAIN),
-     "d05c465822ddd28c", "d8c052ea5b859159"),
-    (RunSpec("digits", "rslora", 64, seed=0, lr=0.003, train=STUDY_TRAIN, measure=("weights",)),
-     "1e6a72b68399e4b0", "a259aff804779ce8"),
-    (RunSpec("digits", "dora", 16, seed=1, lr=3e-2, task_options={"targets": ["fc1", "fc2"]},
-             variant_options={"alpha": 32, "dropout": 0.1}, train={"steps": 300},
-             measure=("weights", "robustness")),
-     "3f6a462d9f8e6952", "8504f87b2635e5b9"),
+    (
+        RunSpec("synthetic", "lora", 4, seed=0, lr=0.01, train=STUDY_TRAIN),
+        "b1f13037039f2ea7",
+        "6a139ae65b879878",
+    ),
+    (
+        RunSpec("digits", "full", None, seed=0, lr=0.003, train=STUDY_TRAIN),
+        "d05c465822ddd28c",
+        "d8c052ea5b859159",
+    ),
+    (
+        RunSpec("digits", "rslora", 64, seed=0, lr=0.003, train=STUDY_TRAIN, measure=("weights",)),
+        "1e6a72b68399e4b0",
+        "a259aff804779ce8",
+    ),
+    (
+        RunSpec(
+            "digits",
+            "dora",
+            16,
+            seed=1,
+            lr=3e-2,
+            task_options={"targets": ["fc1", "fc2"]},
+            variant_options={"alpha": 32, "dropout": 0.1},
+            train={"steps": 300},
+            measure=("weights", "robustness"),
+        ),
+        "3f6a462d9f8e6952",
+        "8504f87b2635e5b9",
+    ),
     (RunSpec("t", "lora", 1, 0, 1e-2), "d32fe11246da525c", "fc5dfd96fa51c90f"),
 ]
 
@@ -139,22 +168,38 @@ def test_tuned_sweep_picks_the_dev_best_lr_and_reuses_it_for_other_seeds(tmp_pat
 
 def test_best_lr_counts_diverged_runs_as_worst():
     rows = [fake_row(RunSpec("t", "lora", 1, 0, lr)) for lr in (1e-3, 1e-1)]
-    rows.append({**fake_row(RunSpec("t", "lora", 1, 0, 1e-2)), "status": "diverged",
-                 "dev_accuracy": float("nan")})
+    rows.append(
+        {**fake_row(RunSpec("t", "lora", 1, 0, 1e-2)), "status": "diverged", "dev_accuracy": float("nan")}
+    )
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]  # tie at |log10 lr + 2| = 1
 
 
 def test_lower_is_better_metrics_choose_the_minimum():
-    rows = [{**fake_row(RunSpec("t", "lora", 1, 0, lr)), "metric": "mse",
-             "higher_is_better": False, "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
+    rows = [
+        {
+            **fake_row(RunSpec("t", "lora", 1, 0, lr)),
+            "metric": "mse",
+            "higher_is_better": False,
+            "dev_mse": lr,
+        }
+        for lr in (1e-3, 1e-2, 1e-1)
+    ]
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]
 
 
 def test_selection_metric_overrides_the_headline_metric():
     # headline metric favours lr=1e-1, the selection metric (what choices are made on) 1e-3
-    rows = [{**fake_row(RunSpec("t", "lora", 1, 0, lr)), "metric": "delta_error",
-             "higher_is_better": False, "selection_metric": "mse", "dev_delta_error": 1 / lr,
-             "dev_mse": lr} for lr in (1e-3, 1e-2, 1e-1)]
+    rows = [
+        {
+            **fake_row(RunSpec("t", "lora", 1, 0, lr)),
+            "metric": "delta_error",
+            "higher_is_better": False,
+            "selection_metric": "mse",
+            "dev_delta_error": 1 / lr,
+            "dev_mse": lr,
+        }
+        for lr in (1e-3, 1e-2, 1e-1)
+    ]
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]
 
 
@@ -169,10 +214,12 @@ def test_training_configurations_of_one_variant_get_their_own_learning_rate(tmp_
 
     monkeypatch.setattr(sw.results, "run_one", row)
     out, lrs = tmp_path / "r.csv", [1e-3, 1e-2, 1e-1]
-    short = tuned_sweep([RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 5})], lrs, [0, 1], out,
-                        progress=False)
-    long = tuned_sweep([RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 50})], lrs, [0, 1], out,
-                       progress=False)
+    short = tuned_sweep(
+        [RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 5})], lrs, [0, 1], out, progress=False
+    )
+    long = tuned_sweep(
+        [RunSpec("t", "lora", 1, 0, 0.0, train={"steps": 50})], lrs, [0, 1], out, progress=False
+    )
     assert set(short["lr"]) == {1e-2} and set(long["lr"]) == {1e-1}
     df = read_results(out)
     assert df["lr_selected"].sum() == 4 and df[sw.GROUP].nunique() == 2
@@ -193,8 +240,7 @@ def test_group_id_ignores_only_seed_and_lr():
     a = RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5})
     assert a.group_id == RunSpec("t", "lora", 1, 2, 1e-1, train={"steps": 5}).group_id
     assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 6}).group_id
-    assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5},
-                                 measure=("weights",)).group_id
+    assert a.group_id != RunSpec("t", "lora", 1, 0, 1e-3, train={"steps": 5}, measure=("weights",)).group_id
 
 
 def test_each_spec_can_search_its_own_grid(tmp_path, monkeypatch):
@@ -209,8 +255,9 @@ def test_each_spec_can_search_its_own_grid(tmp_path, monkeypatch):
     said = dict(zip(res["variant"], res["lr_selection"]))
     assert "lr 0.001/0.01/0.1 " in said["lora"] and "lr 1e-05/0.0001/0.001 " in said["full"]
     with pytest.raises(ValueError, match="grid of full .* is empty"):
-        tuned_sweep(specs, lambda s: grids[s.variant] if s.variant == "lora" else [], [0], out,
-                    progress=False)
+        tuned_sweep(
+            specs, lambda s: grids[s.variant] if s.variant == "lora" else [], [0], out, progress=False
+        )
 
 
 def peaked_at(best: float, calls: list | None = None):
@@ -221,6 +268,7 @@ def peaked_at(best: float, calls: list | None = None):
         if calls is not None:
             calls.append(spec.lr)
         return {**fake_row(spec), "dev_accuracy": -abs(math.log10(spec.lr / best))}
+
     return row
 
 
@@ -238,8 +286,7 @@ def test_an_optimum_past_the_grid_is_followed_until_it_is_interior(tmp_path, mon
     res = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=3, progress=False)
     # 0.1 is the top edge → 0.1²/0.03 = 0.333 is tried; it is the best and again an edge →
     # 0.333²/0.1 = 1.11 is tried; now 0.333 is interior and the search stops
-    assert sorted(set(read_results(out).query("seed == 0")["lr"])) == [1e-2, 3e-2, 1e-1, 0.333333,
-                                                                       1.11111]
+    assert sorted(set(read_results(out).query("seed == 0")["lr"])) == [1e-2, 3e-2, 1e-1, 0.333333, 1.11111]
     assert set(res["lr"]) == {0.333333} and len(res) == 2
     assert res["lr_selection"].str.endswith("; interior").all()
     status = sw.search_status(read_results(out))
@@ -267,6 +314,7 @@ def test_without_extension_the_grid_and_its_wording_are_as_before(tmp_path, monk
     assert sorted(set(read_results(out)["lr"])) == [1e-2, 1e-1]
     # the sentence every committed CSV holds, unchanged, so resumed studies rewrite nothing
     assert res["lr_selection"].tolist() == [
-        "best dev accuracy of lr 0.01/0.1 at seed 0, reused for the other seeds"]
+        "best dev accuracy of lr 0.01/0.1 at seed 0, reused for the other seeds"
+    ]
     with pytest.raises(ValueError, match="extend=-1"):
         tuned_sweep(grid(1), [1e-2], [0], out, extend=-1, progress=False)

@@ -24,11 +24,22 @@ TINY = {
     "digits": {"pretrain_steps": 30},
     "mnist": {"n_train": 256, "n_eval": 200, "pretrain_steps": 20, "hidden": 64},
     "text": {"max_train": 12, "max_eval": 10, "max_length": 16},
-    "charlm": {"max_chars": 20_000, "seq_len": 16, "embed_dim": 8, "hidden": 16,
-               "pretrain_steps": 5, "n_train": 64},
+    "charlm": {
+        "max_chars": 20_000,
+        "seq_len": 16,
+        "embed_dim": 8,
+        "hidden": 16,
+        "pretrain_steps": 5,
+        "n_train": 64,
+    },
 }
-HEADLINE = {"synthetic": "delta_error", "digits": "accuracy", "mnist": "accuracy",
-            "text": "accuracy", "charlm": "perplexity"}
+HEADLINE = {
+    "synthetic": "delta_error",
+    "digits": "accuracy",
+    "mnist": "accuracy",
+    "text": "accuracy",
+    "charlm": "perplexity",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,19 +68,22 @@ def test_registry_names_and_unknown_name():
         tasks.get("nope")
 
 
-@pytest.mark.parametrize("name, options, match", [
-    ("synthetic", {"bogus": 1}, "option 'bogus' is unknown for task 'synthetic'"),
-    ("synthetic", {"planted_rank": 0}, "planted_rank=0"),
-    ("synthetic", {"planted_rank": 65}, "planted_rank=65"),
-    ("synthetic", {"layers": ["fc9"]}, "layers="),
-    ("synthetic", {"scale": -1.0}, "scale=-1.0"),
-    ("digits", {"pretrain_steps": 0}, "pretrain_steps=0"),
-    ("mnist", {"shift": "flip"}, "shift='flip' is unknown; choose one of 'rotate', 'permute'"),
-    ("mnist", {"n_train": 60_000}, "n_train=60000"),
-    ("text", {"dataset": "imdb"}, "dataset='imdb'"),
-    ("charlm", {"source": "news", "target": "news"}, "both 'news'"),
-    ("charlm", {"target": "kites"}, "target='kites'"),
-])
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("synthetic", {"bogus": 1}, "option 'bogus' is unknown for task 'synthetic'"),
+        ("synthetic", {"planted_rank": 0}, "planted_rank=0"),
+        ("synthetic", {"planted_rank": 65}, "planted_rank=65"),
+        ("synthetic", {"layers": ["fc9"]}, "layers="),
+        ("synthetic", {"scale": -1.0}, "scale=-1.0"),
+        ("digits", {"pretrain_steps": 0}, "pretrain_steps=0"),
+        ("mnist", {"shift": "flip"}, "shift='flip' is unknown; choose one of 'rotate', 'permute'"),
+        ("mnist", {"n_train": 60_000}, "n_train=60000"),
+        ("text", {"dataset": "imdb"}, "dataset='imdb'"),
+        ("charlm", {"source": "news", "target": "news"}, "both 'news'"),
+        ("charlm", {"target": "kites"}, "target='kites'"),
+    ],
+)
 def test_bad_options_fail_with_one_clear_sentence(name, options, match):
     with pytest.raises(ValueError, match=match):
         tasks.get(name, **options)
@@ -122,8 +136,9 @@ def test_pretrained_returns_fresh_identical_copies(name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_one_lora_step_changes_loss_and_evaluate_reports_metric(name):
     task = tiny(name)
-    model = lr.inject(task.pretrained(), "lora", targets=task.targets,
-                      modules_to_save=task.modules_to_save, rank=2)
+    model = lr.inject(
+        task.pretrained(), "lora", targets=task.targets, modules_to_save=task.modules_to_save, rank=2
+    )
     model.eval()  # no dropout: the two losses are comparable
     batch = tuple(t[:8] for t in task.split("train").tensors)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,7 +221,7 @@ def test_synthetic_delta_error_one_at_init_zero_when_planted_exactly():
 
 def test_synthetic_planted_rank_scale_and_eckart_young_floor():
     task = tiny("synthetic")
-    (layer, dw), = task.planted.items()
+    ((layer, dw),) = task.planted.items()
     assert layer == "fc2" and task.targets == ["fc2"]
     assert torch.linalg.matrix_rank(dw).item() == task.planted_rank
     assert dw.norm() / task.w0["fc2"].norm() == pytest.approx(task.scale, rel=1e-5)
@@ -293,8 +308,7 @@ def test_pretrained_weights_are_cached_atomically(cache, monkeypatch):
 def test_unreadable_cache_file_is_rebuilt(cache):
     task = tasks.get("digits", pretrain_steps=7)
     ref = task.pretrained().state_dict()
-    (path,) = [p for p in Path(cache).glob("digits-*.safetensors")
-               if "pretrain_steps\": 7" in _metadata(p)]
+    (path,) = [p for p in Path(cache).glob("digits-*.safetensors") if 'pretrain_steps": 7' in _metadata(p)]
     path.write_bytes(b"not a safetensors file")
     with pytest.warns(UserWarning, match="unreadable"):
         again = tasks.get("digits", pretrain_steps=7).pretrained().state_dict()
@@ -351,16 +365,14 @@ def test_mnist_data_and_shifts():
     from lowrank.tasks.mnist import load_mnist
 
     data = load_mnist()
-    assert {k: len(v[0]) for k, v in data.items()} == {"train": 50_000, "valid": 10_000,
-                                                         "test": 10_000}
+    assert {k: len(v[0]) for k, v in data.items()} == {"train": 50_000, "valid": 10_000, "test": 10_000}
     task = tiny("mnist")
     x = task.split("train").tensors[0]
     assert len(x) == 256 and x.min() >= 0 and x.max() <= 1
     assert len(task.split("test")) == 200
     old = task._old["train"].tensors[0]
     assert not torch.allclose(x, old)  # rotated
-    perm = tasks.get("mnist", shift="permute", n_train=16, n_eval=16, pretrain_steps=20,
-                     hidden=64)
+    perm = tasks.get("mnist", shift="permute", n_train=16, n_eval=16, pretrain_steps=20, hidden=64)
     xp, xo = perm.split("train").tensors[0], perm._old["train"].tensors[0]
     assert torch.equal(xp.sort(1).values, xo.sort(1).values) and not torch.equal(xp, xo)
     sub = tasks.get("mnist", n_train=300, n_eval=16, pretrain_steps=20, hidden=64)
@@ -386,8 +398,9 @@ def test_text_data_and_targets():
     model = task.pretrained()
     assert task.modules_to_save == ["classifier"]
     assert len(lr.find_targets(model, task.targets)) == 12  # query and value of 6 layers
-    every = lr.find_targets(model, tasks.get("text", targets="all-linear").targets,
-                            modules_to_save=task.modules_to_save)
+    every = lr.find_targets(
+        model, tasks.get("text", targets="all-linear").targets, modules_to_save=task.modules_to_save
+    )
     assert "classifier" not in every and len(every) == 36
 
 

@@ -36,8 +36,15 @@ NAME = "toy_diagonal"
 TESTS = Path(__file__).resolve().parent
 # The suites parametrised over lr.variants(): the contract identities, save/load, the command
 # line, bad input, inject/merge/strip, half precision and the meta device.
-SUITE = ["test_adapters.py", "test_io.py", "test_cli.py", "test_bad_input.py", "test_inject.py",
-         "test_mixed_precision.py", "test_meta_device.py"]
+SUITE = [
+    "test_adapters.py",
+    "test_io.py",
+    "test_cli.py",
+    "test_bad_input.py",
+    "test_inject.py",
+    "test_mixed_precision.py",
+    "test_meta_device.py",
+]
 
 
 class Diagonal(lr.Adapter):
@@ -53,8 +60,9 @@ class Diagonal(lr.Adapter):
         return min(out_f, in_f)
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: Any) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(
+        cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any
+    ) -> dict[str, tuple[int, ...]]:
         return {"d": (rank,)}
 
     def __init__(self, base: nn.Linear, **common: Any) -> None:
@@ -94,11 +102,25 @@ def test_the_identity_suite_passes_on_the_toy(tmp_path):
     no test_options): every case passes, none is skipped, and the toy gets exactly LoHa's cases."""
     report = tmp_path / "suite.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:randomly", "-p",
-           "no:cacheprovider", "-p", "test_toy_variant", "-k", f"{NAME} or loha",
-           f"--junitxml={report}", *(str(TESTS / f) for f in SUITE)]
-    res = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True,
-                         timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "test_toy_variant",
+        "-k",
+        f"{NAME} or loha",
+        f"--junitxml={report}",
+        *(str(TESTS / f) for f in SUITE),
+    ]
+    res = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     cases = list(ET.parse(report).getroot().iter("testcase"))
     for case in cases:
@@ -107,11 +129,13 @@ def test_the_identity_suite_passes_on_the_toy(tmp_path):
     mine = {i for i in ids if NAME in i[1]}
     assert mine == {(f, name.replace("loha", NAME)) for f, name in ids - mine}
     assert {f for f, _ in mine} == {f.removesuffix(".py") for f in SUITE}
-    assert {"test_merge_equivalence[toy_diagonal-f32]", "test_identity_at_init[toy_diagonal-f64]",
-            "test_gradients_reach_only_trainable_parameters[toy_diagonal]",
-            "test_save_then_load_into_a_fresh_model_is_exact[toy_diagonal]",
-            "test_inspect_agrees_with_the_adapter_for_every_variant[toy_diagonal]"} <= {
-        name for _, name in mine}
+    assert {
+        "test_merge_equivalence[toy_diagonal-f32]",
+        "test_identity_at_init[toy_diagonal-f64]",
+        "test_gradients_reach_only_trainable_parameters[toy_diagonal]",
+        "test_save_then_load_into_a_fresh_model_is_exact[toy_diagonal]",
+        "test_inspect_agrees_with_the_adapter_for_every_variant[toy_diagonal]",
+    } <= {name for _, name in mine}
 
 
 def test_save_load_and_inspect(toy, tmp_path, capsys):
@@ -142,8 +166,10 @@ def test_save_load_and_inspect(toy, tmp_path, capsys):
 def toy_runs(toy, tmp_path) -> pd.DataFrame:
     """A real sweep of the toy, LoRA and full fine-tuning on the synthetic task, weights measured."""
     train = {"steps": 30, "batch_size": 32, "eval_every": 30}
-    specs = [RunSpec("synthetic", v, r, 0, 0.0, train=train, measure=("weights",))
-             for v, r in [(NAME, 1), (NAME, 2), ("lora", 1), ("lora", 2), ("full", None)]]
+    specs = [
+        RunSpec("synthetic", v, r, 0, 0.0, train=train, measure=("weights",))
+        for v, r in [(NAME, 1), (NAME, 2), ("lora", 1), ("lora", 2), ("full", None)]
+    ]
     rows = tuned_sweep(specs, [1e-2], [0, 1], tmp_path / "runs.csv", progress=False)
     assert (rows["status"] == "ok").all() and set(rows["variant"]) == {NAME, "lora", "full"}
     return rows
@@ -161,8 +187,9 @@ def test_the_spectra_figure_draws_the_toy_among_the_others(toy_runs, tmp_path, m
     assert_figure(tmp_path / "spectra")
     (fig,) = drawn
     labels = [{line.get_label() for line in ax.get_lines()} for ax in fig.axes[:4]]
-    assert "lora" in labels[0] and NAME not in labels[0]  # B·A family
-    assert NAME in labels[1] and "lora" not in labels[1]  # others
+    toy = Diagonal.display_name  # legends name variants by their display names
+    assert "LoRA" in labels[0] and toy not in labels[0]  # B·A family
+    assert toy in labels[1] and "LoRA" not in labels[1]  # others
     assert "full fine-tuning" in labels[0] & labels[1]
 
 

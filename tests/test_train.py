@@ -32,9 +32,11 @@ class TinyRegression:
         delta = torch.randn(6, 2, generator=g) @ torch.randn(2, 10, generator=g)
         x = torch.randn(300, 10, generator=g)
         y = x @ (self.w0 + delta).T
-        self.data = {"train": TensorDataset(x[:200], y[:200]),
-                     "dev": TensorDataset(x[200:250], y[200:250]),
-                     "test": TensorDataset(x[250:], y[250:])}
+        self.data = {
+            "train": TensorDataset(x[:200], y[:200]),
+            "dev": TensorDataset(x[200:250], y[200:250]),
+            "test": TensorDataset(x[250:], y[250:]),
+        }
 
     def pretrained(self) -> nn.Module:
         model = nn.Sequential()
@@ -69,8 +71,7 @@ class TinyRegression:
 def _run(variant="lora", options=None, **cfg):
     task = TinyRegression()
     torch.manual_seed(0)
-    model = lr.inject(task.pretrained(), variant, targets=task.targets, rank=2, seed=0,
-                      **(options or {}))
+    model = lr.inject(task.pretrained(), variant, targets=task.targets, rank=2, seed=0, **(options or {}))
     return model, train(model, task, TrainConfig(quiet=True, **cfg))
 
 
@@ -106,8 +107,9 @@ def test_training_learns_and_is_deterministic():
     _, a = _run(steps=150, lr=0.05)
     _, b = _run(steps=150, lr=0.05)
     assert a.metrics == b.metrics  # same seed → bit-identical metrics
-    assert a.metrics["test_mse"] < 0.2 * TinyRegression().evaluate(
-        TinyRegression().pretrained(), "test")["mse"]
+    assert (
+        a.metrics["test_mse"] < 0.2 * TinyRegression().evaluate(TinyRegression().pretrained(), "test")["mse"]
+    )
     assert a.trainable_params == 2 * (10 + 6)
     assert a.peak_mem_mb > 0 and a.train_seconds > 0
 
@@ -122,8 +124,10 @@ def test_penalty_is_added_to_the_loss():
     # λ(‖U‖² + ‖V‖²) with a large λ must keep ΔW far smaller than with λ = 0, same seed.
     free, _ = _run("frobenius", {"lam": 0.0}, steps=100, lr=0.05)
     shrunk, _ = _run("frobenius", {"lam": 5.0}, steps=100, lr=0.05)
-    norm = {k: float(lr.adapters(m)["lin"].delta_weight().detach().norm())
-            for k, m in (("free", free), ("shrunk", shrunk))}
+    norm = {
+        k: float(lr.adapters(m)["lin"].delta_weight().detach().norm())
+        for k, m in (("free", free), ("shrunk", shrunk))
+    }
     assert norm["shrunk"] < 0.5 * norm["free"]
 
 

@@ -52,8 +52,9 @@ def assert_unchanged(model: nn.Module, before) -> None:
     assert after[2] == flags, "a failed load changed requires_grad flags"
     assert after[3] == saved, "a failed load changed modules_to_save"
     assert after[0].keys() == state.keys()
-    changed = [k for k in state if not (after[0][k].dtype == state[k].dtype
-                                        and torch.equal(after[0][k], state[k]))]
+    changed = [
+        k for k in state if not (after[0][k].dtype == state[k].dtype and torch.equal(after[0][k], state[k]))
+    ]
     assert not changed, f"a failed load changed {changed}"
 
 
@@ -72,22 +73,28 @@ def edit_tensors(path, change):
 
 def native(tmp_path):
     """A lowrank file: lora r=2, alpha=4 on q (10x8) and v (10x10), modules_to_save=["head"]."""
-    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], modules_to_save=["head"], rank=2,
-                      alpha=4.0)
+    model = lr.inject(TinyNet(), "lora", targets=["q", "v"], modules_to_save=["head"], rank=2, alpha=4.0)
     perturb(model)
     return lr.save_adapters(model, tmp_path / "ad")
 
 
 def injected(**options):
     """A TinyNet with lora already on q and v (a different seed: other values to overwrite)."""
-    return lr.inject(TinyNet(), "lora", targets=["q", "v"], modules_to_save=["head"], seed=5,
-                     **{"rank": 2, "alpha": 4.0, **options})
+    return lr.inject(
+        TinyNet(),
+        "lora",
+        targets=["q", "v"],
+        modules_to_save=["head"],
+        seed=5,
+        **{"rank": 2, "alpha": 4.0, **options},
+    )
 
 
 def peft_file(tmp_path, **extra):
     """A PEFT file: LoRA r=2, alpha=4 on q and v, modules_to_save=["head"]."""
-    theirs = get_peft_model(TinyNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"],
-                                                  modules_to_save=["head"], **extra))
+    theirs = get_peft_model(
+        TinyNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"], **extra)
+    )
     perturb(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     return tmp_path / "peft"
@@ -175,8 +182,11 @@ def n_unknown_option(tmp_path):
 
 
 def n_other_options_than_injected(tmp_path):
-    return (injected(alpha=1.0), native(tmp_path),
-            r"layer 'q' holds a 'lora' adapter but the file has other options")
+    return (
+        injected(alpha=1.0),
+        native(tmp_path),
+        r"layer 'q' holds a 'lora' adapter but the file has other options",
+    )
 
 
 def n_wrong_layer_name(tmp_path):
@@ -184,9 +194,12 @@ def n_wrong_layer_name(tmp_path):
 
     def rename(c):
         c["layers"]["w"] = c["layers"].pop("v")
+
     edit_json(path / CONFIG, rename)
-    edit_tensors(path / "adapter.safetensors", lambda t: t.update(
-        {k.replace("v::", "w::"): t.pop(k) for k in list(t) if k.startswith("v::")}))
+    edit_tensors(
+        path / "adapter.safetensors",
+        lambda t: t.update({k.replace("v::", "w::"): t.pop(k) for k in list(t) if k.startswith("v::")}),
+    )
     return TinyNet(), path, r"the file adapts layer 'w', which this model does not have"
 
 
@@ -195,8 +208,11 @@ def n_non_linear(tmp_path):
 
 
 def n_modules_to_save_shape(tmp_path):
-    return (TinyNet(classes=5), native(tmp_path),
-            r"tensor head::weight is \(3, 10\) in the file but \(5, 10\) in the model")
+    return (
+        TinyNet(classes=5),
+        native(tmp_path),
+        r"tensor head::weight is \(3, 10\) in the file but \(5, 10\) in the model",
+    )
 
 
 def n_modules_to_save_missing(tmp_path):
@@ -257,8 +273,10 @@ def p_unknown_peft_type(tmp_path):
 
 def p_wrong_layer_name(tmp_path):
     path = peft_file(tmp_path)
-    edit_tensors(path / PEFT_TENSORS, lambda t: t.update(
-        {k.replace(".v.", ".w."): t.pop(k) for k in list(t) if ".v." in k}))
+    edit_tensors(
+        path / PEFT_TENSORS,
+        lambda t: t.update({k.replace(".v.", ".w."): t.pop(k) for k in list(t) if ".v." in k}),
+    )
     return TinyNet(), path, r"the file adapts layer 'w', which this model does not have"
 
 
@@ -276,8 +294,9 @@ def p_dora_missing_magnitude(tmp_path):
 
 def p_unmappable_tensor(tmp_path):
     path = peft_file(tmp_path)
-    edit_tensors(path / PEFT_TENSORS,
-                 lambda t: t.update({"base_model.model.v.lora_C.weight": torch.zeros(2)}))
+    edit_tensors(
+        path / PEFT_TENSORS, lambda t: t.update({"base_model.model.v.lora_C.weight": torch.zeros(2)})
+    )
     return TinyNet(), path, r"holds tensors lowrank cannot map \(e.g. 'base_model.model.v.lora_C.weight'\)"
 
 
@@ -286,8 +305,11 @@ def p_non_linear(tmp_path):
 
 
 def p_modules_to_save_shape(tmp_path):
-    return (TinyNet(classes=5), peft_file(tmp_path),
-            r"tensor base_model.model.head.weight is \(3, 10\) in the file but \(5, 10\) in the model")
+    return (
+        TinyNet(classes=5),
+        peft_file(tmp_path),
+        r"tensor base_model.model.head.weight is \(3, 10\) in the file but \(5, 10\) in the model",
+    )
 
 
 def p_modules_to_save_missing_tensor(tmp_path):
@@ -302,15 +324,40 @@ def p_damaged_json(tmp_path):
     return TinyNet(), path, r"adapter_config.json is not valid JSON"
 
 
-KINDS = [n_missing_tensor, n_missing_key, n_wrong_shape, n_wrong_shape_into_merged_adapters,
-         n_extra_tensor, n_unlisted_tensor, n_wrong_variant, n_unknown_variant,
-         n_no_rank_on_last_layer, n_invalid_rank, n_unknown_option, n_other_options_than_injected,
-         n_wrong_layer_name, n_non_linear, n_modules_to_save_shape, n_modules_to_save_missing,
-         n_no_in_features_on_last_layer, n_damaged_json, n_damaged_safetensors,
-         p_wrong_shape, p_wrong_shape_into_adapters, p_rank_is_not_the_config_r,
-         p_unsupported_option, p_unknown_peft_type, p_wrong_layer_name, p_missing_tensor,
-         p_dora_missing_magnitude, p_unmappable_tensor, p_non_linear, p_modules_to_save_shape,
-         p_modules_to_save_missing_tensor, p_damaged_json]
+KINDS = [
+    n_missing_tensor,
+    n_missing_key,
+    n_wrong_shape,
+    n_wrong_shape_into_merged_adapters,
+    n_extra_tensor,
+    n_unlisted_tensor,
+    n_wrong_variant,
+    n_unknown_variant,
+    n_no_rank_on_last_layer,
+    n_invalid_rank,
+    n_unknown_option,
+    n_other_options_than_injected,
+    n_wrong_layer_name,
+    n_non_linear,
+    n_modules_to_save_shape,
+    n_modules_to_save_missing,
+    n_no_in_features_on_last_layer,
+    n_damaged_json,
+    n_damaged_safetensors,
+    p_wrong_shape,
+    p_wrong_shape_into_adapters,
+    p_rank_is_not_the_config_r,
+    p_unsupported_option,
+    p_unknown_peft_type,
+    p_wrong_layer_name,
+    p_missing_tensor,
+    p_dora_missing_magnitude,
+    p_unmappable_tensor,
+    p_non_linear,
+    p_modules_to_save_shape,
+    p_modules_to_save_missing_tensor,
+    p_damaged_json,
+]
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k.__name__.replace("_", "-") for k in KINDS])
@@ -332,4 +379,3 @@ def test_the_unedited_files_load(tmp_path):
         assert sorted(lr.adapters(lr.io.from_peft(into, peft_file(tmp_path / "p")))) == ["q", "v"]
     model = lr.load_adapters(lr.merge_all(injected()), native(tmp_path / "m"))
     assert all(ad.merged for ad in lr.adapters(model).values())
-

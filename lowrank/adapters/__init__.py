@@ -12,5 +12,13 @@ from .registry import OptionError, make, register, variant_class, variants
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["Adapter", "LowRankAdapter", "OptionError", "RankWarning", "make", "register",
-           "variant_class", "variants"]
+__all__ = [
+    "Adapter",
+    "LowRankAdapter",
+    "OptionError",
+    "RankWarning",
+    "make",
+    "register",
+    "variant_class",
+    "variants",
+]

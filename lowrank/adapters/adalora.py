@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import Adapter, Shapes
 from .registry import register
 
 
@@ -37,13 +37,13 @@ class AdaLoRA(Adapter):
     display_name = "AdaLoRA"
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: object) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """P (out × r), λ (r), Q (r × in): r(out + in + 1)."""
         return {"P": (out_f, rank), "lam": (rank,), "Q": (rank, in_f)}
 
-    def __init__(self, base: nn.Linear, *, orth_reg_weight: float = 0.1, target_rank: int | None = None,
-                 **common: Any) -> None:
+    def __init__(
+        self, base: nn.Linear, *, orth_reg_weight: float = 0.1, target_rank: int | None = None, **common: Any
+    ) -> None:
         super().__init__(base, **common)
         if not (isinstance(orth_reg_weight, (int, float)) and orth_reg_weight >= 0):
             raise ValueError(f"orth_reg_weight={orth_reg_weight!r} must be a number >= 0")
@@ -53,10 +53,12 @@ class AdaLoRA(Adapter):
         self.target_rank = int(target_rank or max(1, (2 * self.rank) // 3))
         gen = self._generator()
         w = base.weight
-        self.Q = nn.Parameter((0.02 * torch.randn(self.rank, self.in_features, generator=gen,
-                                                  dtype=torch.float64)).to(w))
-        self.P = nn.Parameter((0.02 * torch.randn(self.out_features, self.rank, generator=gen,
-                                                  dtype=torch.float64)).to(w))
+        self.Q = nn.Parameter(
+            (0.02 * torch.randn(self.rank, self.in_features, generator=gen, dtype=torch.float64)).to(w)
+        )
+        self.P = nn.Parameter(
+            (0.02 * torch.randn(self.out_features, self.rank, generator=gen, dtype=torch.float64)).to(w)
+        )
         self.lam = nn.Parameter(torch.zeros_like(self._new(self.rank)))
 
     @property
@@ -72,12 +74,12 @@ class AdaLoRA(Adapter):
 
     def penalty(self) -> Tensor:
         eye = torch.eye(self.rank, dtype=self.P.dtype, device=self.P.device)
-        return self.orth_reg_weight * ((self.P.mT @ self.P - eye).square().sum()
-                                       + (self.Q @ self.Q.mT - eye).square().sum())
+        return self.orth_reg_weight * (
+            (self.P.mT @ self.P - eye).square().sum() + (self.Q @ self.Q.mT - eye).square().sum()
+        )
 
     def config(self) -> dict:
-        return {**super().config(), "orth_reg_weight": self.orth_reg_weight,
-                "target_rank": self.target_rank}
+        return {**super().config(), "orth_reg_weight": self.orth_reg_weight, "target_rank": self.target_rank}
 
     @classmethod
     def training_hooks(cls, model: nn.Module, total_steps: int) -> list:
@@ -88,8 +90,14 @@ class AdaLoRA(Adapter):
         t_init, t_final = total_steps // 10, total_steps // 5
         if not ads or total_steps - t_final <= t_init:
             return []
-        alloc = RankAllocator(model, target_rank=ads[0].target_rank, init_rank=ads[0].rank,
-                              t_init=t_init, t_final=t_final, total_steps=total_steps)
+        alloc = RankAllocator(
+            model,
+            target_rank=ads[0].target_rank,
+            init_rank=ads[0].rank,
+            t_init=t_init,
+            t_final=t_final,
+            total_steps=total_steps,
+        )
         return [alloc.step]
 
 
@@ -125,23 +133,36 @@ class RankAllocator:
     scoring above the (b(0) − b(t))-th smallest score: the same set unless scores tie.
     """
 
-    def __init__(self, model: nn.Module, target_rank: int, init_rank: int, t_init: int,
-                 t_final: int, total_steps: int, beta1: float = 0.85, beta2: float = 0.85,
-                 delta_t: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_rank: int,
+        init_rank: int,
+        t_init: int,
+        t_final: int,
+        total_steps: int,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        delta_t: int = 1,
+    ) -> None:
         layers = self._layers(model)
         if not layers:
-            raise ValueError("the model has no adalora adapters; call "
-                             "lr.inject(model, 'adalora', rank=init_rank) first")
+            raise ValueError(
+                "the model has no adalora adapters; call lr.inject(model, 'adalora', rank=init_rank) first"
+            )
         ranks = {a.rank for a in layers.values()}
         if ranks != {init_rank}:
-            raise ValueError(f"init_rank={init_rank} but the adapters have rank(s) "
-                             f"{sorted(ranks)}; pass the rank given to lr.inject")
-        if not 1 <= target_rank <= init_rank:
             raise ValueError(
-                f"target_rank={target_rank} must be between 1 and init_rank={init_rank}")
+                f"init_rank={init_rank} but the adapters have rank(s) "
+                f"{sorted(ranks)}; pass the rank given to lr.inject"
+            )
+        if not 1 <= target_rank <= init_rank:
+            raise ValueError(f"target_rank={target_rank} must be between 1 and init_rank={init_rank}")
         if not 0 <= t_init < total_steps - t_final:
-            raise ValueError(f"t_init={t_init}, t_final={t_final}, total_steps={total_steps} leave "
-                             "no budgeting phase; need 0 <= t_init < total_steps - t_final")
+            raise ValueError(
+                f"t_init={t_init}, t_final={t_final}, total_steps={total_steps} leave "
+                "no budgeting phase; need 0 <= t_init < total_steps - t_final"
+            )
         if not (0 < beta1 < 1 and 0 < beta2 < 1 and delta_t >= 1):
             raise ValueError("beta1 and beta2 must lie in (0, 1) and delta_t must be >= 1")
         self.t_init, self.t_final, self.total_steps = t_init, t_final, total_steps
@@ -175,7 +196,8 @@ class RankAllocator:
                 if p.grad is None:
                     raise RuntimeError(
                         f"{name}.{pname} has no gradient; call allocator.step after "
-                        "loss.backward() and optimizer.step(), before optimizer.zero_grad()")
+                        "loss.backward() and optimizer.step(), before optimizer.zero_grad()"
+                    )
                 key, sens = f"{name}.{pname}", (p * p.grad).abs()
                 ipt = self.ipt.get(key, torch.zeros_like(sens))
                 self.ipt[key] = ipt = self.beta1 * ipt + (1 - self.beta1) * sens
@@ -199,8 +221,10 @@ class RankAllocator:
         """Update the scores, re-allocate when due, zero the pruned λ; returns b(global_step)."""
         layers = self._layers(model)
         if set(layers) != set(self.masks):
-            raise ValueError("the model's adalora layers differ from those this allocator was "
-                             "built on; make a new RankAllocator for this model")
+            raise ValueError(
+                "the model's adalora layers differ from those this allocator was "
+                "built on; make a new RankAllocator for this model"
+            )
         end = self.total_steps - self.t_final
         if global_step < end:
             self._update_scores(layers)

@@ -33,6 +33,9 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) % (2**63))
 
 
+Shapes = dict[str, tuple[int, ...]]  # tensor name → shape, as trainable_shapes gives them
+
+
 @dataclass(frozen=True)
 class PeftFormat:
     """How PEFT stores a variant (:attr:`Adapter.peft`): PEFT's ``peft_type``, the ``config``
@@ -151,14 +154,18 @@ class Adapter(nn.Module):
             span = "of at least 1" if hi is None else f"between 1 and {hi}"
             raise ValueError(f"rank={rank!r} is invalid {where}; choose an integer rank {span}")
         if hi is not None and rank > hi:
-            raise ValueError(f"rank={rank} is invalid {where}, as {cls.max_rank_reason}; choose "
-                             f"an integer rank between 1 and {hi}")
+            raise ValueError(
+                f"rank={rank} is invalid {where}, as {cls.max_rank_reason}; choose "
+                f"an integer rank between 1 and {hi}"
+            )
         useful = cls.useful_rank(out_f, in_f, **options)
         if useful is not None and rank > useful:
-            warn_once((cls.name, out_f, in_f, rank, useful),
-                      f"rank={rank} {where} is over-complete: the update is as expressive at rank "
-                      f"{useful} as at any larger rank, so the extra rank adds parameters only; "
-                      f"pass rank <= {useful}, or filter lr.RankWarning to keep it (warned once)")
+            warn_once(
+                (cls.name, out_f, in_f, rank, useful),
+                f"rank={rank} {where} is over-complete: the update is as expressive at rank "
+                f"{useful} as at any larger rank, so the extra rank adds parameters only; "
+                f"pass rank <= {useful}, or filter lr.RankWarning to keep it (warned once)",
+            )
         return rank
 
     def _weight_values(self, init: str) -> Tensor:
@@ -169,7 +176,8 @@ class Adapter(nn.Module):
             raise RuntimeError(
                 f"{init} reads the layer's weight, which is on the meta device and holds no "
                 "values; load the real weights first (model.to_empty(device=...) and "
-                "load_state_dict), then inject")
+                "load_state_dict), then inject"
+            )
         return w.detach().to(torch.float64)
 
     @property
@@ -298,13 +306,13 @@ class Adapter(nn.Module):
 
     # ----------------------------------------------------------------- without the base layer
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: Any) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """{parameter name: shape} of what trains on an (out_f × in_f) layer, with a bias or not, at
         ``rank`` with the constructor ``options``: the variant's parameter formula, stated beside
         its maths (the test suite checks it against the adapter's ``named_parameters()``)."""
-        raise NotImplementedError(f"variant {cls.name!r} states no parameter formula; define "
-                                  f"{cls.__name__}.trainable_shapes")
+        raise NotImplementedError(
+            f"variant {cls.name!r} states no parameter formula; define {cls.__name__}.trainable_shapes"
+        )
 
     @classmethod
     def stand_in(cls, out_f: int, in_f: int, **options: Any) -> Adapter:
@@ -322,8 +330,9 @@ class Adapter(nn.Module):
         return [k for k in self.adapter_state() if k in trained]
 
     @classmethod
-    def delta_from_state(cls, state: dict[str, Tensor], out_f: int, in_f: int,
-                         **options: Any) -> Tensor | None:
+    def delta_from_state(
+        cls, state: dict[str, Tensor], out_f: int, in_f: int, **options: Any
+    ) -> Tensor | None:
         """ΔW (float64) of a saved layer from its :meth:`adapter_state` and :meth:`config` alone:
         :meth:`loaded_delta` of a :meth:`stand_in`; None where ΔW needs W₀ (:attr:`delta_needs_w0`)."""
         return None if cls.delta_needs_w0 else cls.stand_in(out_f, in_f, **options).loaded_delta(state)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import Adapter, Shapes
 from .lora import LowRankAdapter
 from .ops import add_product, widen
 from .registry import register
@@ -58,12 +58,10 @@ class DoRA(LowRankAdapter):
     # PEFT stores DoRA as a LoRA with use_dora and the magnitude m
     peft = LowRankAdapter.peft_lora(use_dora=True, m="lora_magnitude_vector")
 
-    delta_needs_w0 = ("ΔW = m⊙(W₀+sBA)/‖W₀+sBA‖ − W₀ needs the base weight W₀, which the file "
-                      "does not hold")
+    delta_needs_w0 = "ΔW = m⊙(W₀+sBA)/‖W₀+sBA‖ − W₀ needs the base weight W₀, which the file does not hold"
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: object) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """A, B as LoRA and the magnitude m (out): r(in + out) + out."""
         return {**super().trainable_shapes(out_f, in_f, rank, bias), "m": (out_f,)}
 
@@ -83,7 +81,10 @@ class DoRA(LowRankAdapter):
         float32 and outside autocast (a property of the weights, not of the activations)."""
         w0 = self.w0
         key = tuple((t.data_ptr(), t._version) for t in (w0, self.A, self.B)) + (
-            self.scale, w0.dtype, torch.is_inference_mode_enabled())
+            self.scale,
+            w0.dtype,
+            torch.is_inference_mode_enabled(),
+        )
         if not self.training and key == self._norm_key:
             return self._norm
         with torch.no_grad(), _without_autocast(w0.device):

@@ -30,8 +30,9 @@ class FrobeniusUV(LowRankAdapter):
     name = "frobenius"
     display_name = "Frobenius UVᵀ"
     test_options = ({"init": "closed_form", "lam": 0.05},)
-    max_rank_reason = ("init='closed_form' starts the factors at r of the closed form's "
-                       "min(out, in) singular triplets")
+    max_rank_reason = (
+        "init='closed_form' starts the factors at r of the closed form's min(out, in) singular triplets"
+    )
 
     @classmethod
     def max_rank(cls, out_f: int, in_f: int, **options: Any) -> int | None:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import Adapter, Shapes
 from .registry import register
 
 
@@ -55,8 +55,10 @@ class Full(Adapter):
         return {"dropout": self.dropout_p, "seed": self.seed}
 
     def adapter_state(self) -> dict[str, Tensor]:
-        return {"weight": self.base.weight.detach(), **(
-            {"bias": self.base.bias.detach()} if self.base.bias is not None else {})}
+        return {
+            "weight": self.base.weight.detach(),
+            **({"bias": self.base.bias.detach()} if self.base.bias is not None else {}),
+        }
 
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
@@ -65,8 +67,9 @@ class Full(Adapter):
             self.base.bias.copy_(state["bias"])
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int | None = None, bias: bool = True,
-                         **options: object) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(
+        cls, out_f: int, in_f: int, rank: int | None = None, bias: bool = True, **options: Any
+    ) -> Shapes:
         """The layer's own weight (out × in) and bias (out): out·in + out; the rank plays no part."""
         return {"base.weight": (out_f, in_f), **({"base.bias": (out_f,)} if bias else {})}
 

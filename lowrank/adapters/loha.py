@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import Adapter, Shapes
 from .registry import register
 
 
@@ -33,8 +33,7 @@ class LoHa(Adapter):
     display_name = "LoHa"
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: object) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """B₁, B₂ (out × r) and A₁, A₂ (r × in): 2r(in + out)."""
         return {"B1": (out_f, rank), "A1": (rank, in_f), "B2": (out_f, rank), "A2": (rank, in_f)}
 

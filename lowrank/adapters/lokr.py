@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import Adapter, Shapes
 from .registry import register
 
 
@@ -41,8 +41,9 @@ def _split(dim: int, bound: int) -> tuple[int, int]:
     return m, dim // m
 
 
-def lokr_shapes(out_f: int, in_f: int, factor: int = -1, rank: int = 1
-                ) -> tuple[tuple[int, int], tuple[int, int]]:
+def lokr_shapes(
+    out_f: int, in_f: int, factor: int = -1, rank: int = 1
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """((a, c), (b, d)): C is a×c, the low-rank block B A is b×d; out = a·b, in = c·d.
 
     ``factor`` > 0: PEFT's ``factorization(·, factor)`` of out and in. ``factor`` = -1: PEFT's
@@ -79,8 +80,7 @@ class LoKr(Adapter):
     display_name = "LoKr"
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: Any) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """C (a × c), B (b × r), A (r × d) with out = a·b, in = c·d (:func:`lokr_shapes`): a·c + r(b + d)."""
         (a, c), (b, d) = lokr_shapes(out_f, in_f, options.get("factor", -1), rank)
         return {"C": (a, c), "B": (b, rank), "A": (rank, d)}

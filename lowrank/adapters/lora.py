@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, PeftFormat
+from .base import Adapter, PeftFormat, Shapes
 from .ops import widen
 from .registry import register
 
@@ -34,8 +34,7 @@ class LowRankAdapter(Adapter):
     trains_A: ClassVar[bool] = True
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: Any) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """A (r × in) unless frozen (``trains_A = False``) and B (out × r): r(in + out), or out·r."""
         return {**({"A": (rank, in_f)} if cls.trains_A else {}), "B": (out_f, rank)}
 
@@ -65,8 +64,9 @@ class LowRankAdapter(Adapter):
         w0, bias = self.base.weight, self.base.bias
         w = widen(w0)
         residual = w - self.scale * (B0.to(w) @ A0.to(w))
-        new = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                        device=w0.device, dtype=w0.dtype)
+        new = nn.Linear(
+            self.in_features, self.out_features, bias=bias is not None, device=w0.device, dtype=w0.dtype
+        )
         new.weight = nn.Parameter(residual.to(w0.dtype), requires_grad=False)
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -105,8 +105,9 @@ class LowRankAdapter(Adapter):
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
         # The residual base is never saved: it is rebuilt from W₀ and the saved (A0, B0).
-        if self.A0 is not None and not (torch.equal(state["A0"], self.A0)
-                                        and torch.equal(state["B0"], self.B0)):
+        if self.A0 is not None and not (
+            torch.equal(state["A0"], self.A0) and torch.equal(state["B0"], self.B0)
+        ):
             # The file was made from other initial factors: rebuild the residual from W₀.
             w0 = self.w0
             self.base.weight.copy_(w0 - self.scale * (state["B0"].to(w0) @ state["A0"].to(w0)))
@@ -116,8 +117,11 @@ class LowRankAdapter(Adapter):
     def peft_lora(*, use_rslora: bool = False, use_dora: bool = False, **tensors: str) -> PeftFormat:
         """PEFT's LoRA format: A, B as lora_A, lora_B, the flags that pick the variant, and the
         variant's further ``tensors`` (our name = PEFT's)."""
-        return PeftFormat("LORA", {"use_rslora": use_rslora, "use_dora": use_dora},
-                          {"A": "lora_A.weight", "B": "lora_B.weight", **tensors})
+        return PeftFormat(
+            "LORA",
+            {"use_rslora": use_rslora, "use_dora": use_dora},
+            {"A": "lora_A.weight", "B": "lora_B.weight", **tensors},
+        )
 
     def peft_export(self) -> tuple[PeftFormat, dict[str, Tensor], int, float]:
         """The variant's :attr:`peft`, or PEFT's plain LoRA for a variant without one (PiSSA,

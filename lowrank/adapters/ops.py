@@ -13,8 +13,7 @@ def widen(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, *,
-                inplace: bool = False) -> Tensor:
+def add_product(y: Tensor, h: Tensor, M: Tensor, s: float = 1.0, *, inplace: bool = False) -> Tensor:
     """y + s·h Mᵀ as one GEMM, for any leading dimensions; in y's dtype.
 
     Out of place (``torch.addmm``, on autocast's lower-precision list, so under autocast it
@@ -35,7 +34,13 @@ def runs_without_hooks(module: nn.Module) -> bool:
     backward and backward-pre hooks). Only then is its output a temporary no one else sees: a
     forward hook may keep it, a backward hook returns it as a view of a custom Function."""
     g = nn.modules.module
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or g._global_forward_hooks
-                or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks)
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )

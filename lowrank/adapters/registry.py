@@ -30,13 +30,17 @@ def register(cls: type[Adapter]) -> type[Adapter]:
         raise ValueError(f"variant name {cls.name!r} is empty or already registered")
     shown = vars(cls).get("display_name", "")
     if not (isinstance(shown, str) and shown.strip()):
-        raise ValueError(f"variant {cls.name!r} ({cls.__qualname__}) has no display_name of its own; "
-                         "set the class attribute display_name to the name figures should show, "
-                         "e.g. display_name = \"LoRA\"")
+        raise ValueError(
+            f"variant {cls.name!r} ({cls.__qualname__}) has no display_name of its own; "
+            "set the class attribute display_name to the name figures should show, "
+            'e.g. display_name = "LoRA"'
+        )
     taken = {other.display_name: name for name, other in _REGISTRY.items()}
     if shown in taken:
-        raise ValueError(f"variant {cls.name!r} has display_name {shown!r}, which variant "
-                         f"{taken[shown]!r} already uses; give it a display_name of its own")
+        raise ValueError(
+            f"variant {cls.name!r} has display_name {shown!r}, which variant "
+            f"{taken[shown]!r} already uses; give it a display_name of its own"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -49,9 +53,7 @@ def variants() -> list[str]:
 def variant_class(name: str) -> type[Adapter]:
     """The Adapter subclass registered as ``name``."""
     if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown variant {name!r}; choose one of: {', '.join(variants())}"
-        )
+        raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(variants())}")
     return _REGISTRY[name]
 
 
@@ -65,8 +67,13 @@ def option_names(name: str) -> list[str] | None:
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        found.append([p.name for p in params if p.name not in _NOT_OPTIONS
-                      and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)])
+        found.append(
+            [
+                p.name
+                for p in params
+                if p.name not in _NOT_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+        )
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return [n for names in reversed(found) for n in names]
     return None
@@ -80,8 +87,10 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     if unknown:
         close = difflib.get_close_matches(unknown[0], valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(repr, unknown))} for {name}{hint}; valid: {', '.join(valid)}")
+        raise OptionError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} for {name}{hint}; valid: {', '.join(valid)}"
+        )
 
 
 def make(name: str, linear: nn.Linear, **options: Any) -> Adapter:

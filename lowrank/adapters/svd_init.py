@@ -44,7 +44,7 @@ class PiSSA(LowRankAdapter):
         W = self._weight_values(f"{self.name}'s initialisation (an SVD of W₀)")
         if self.smallest:  # every triplet, largest first, then the last r
             U, S, Vh = truncated_svd(W, min(W.shape))
-            U, S, Vh = U[:, -self.rank:], S[-self.rank:], Vh[-self.rank:]
+            U, S, Vh = U[:, -self.rank :], S[-self.rank :], Vh[-self.rank :]
         else:
             U, S, Vh = truncated_svd(W, self.rank, method=svd, niter=niter, seed=self.seed)
         self.start_from_svd(U, S, Vh)
@@ -61,5 +61,3 @@ class MiLoRA(PiSSA):
     display_name = "MiLoRA"
     test_options = ()  # the smallest triplets need the exact SVD
     smallest = True
-
-

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Adapter, PeftFormat
+from .base import Adapter, PeftFormat, Shapes
 from .registry import register
 
 # One copy of each projection per (seed, shape, dtype, device), alive while an adapter uses it.
@@ -28,9 +28,14 @@ def _kaiming(shape: tuple[int, int], gen: torch.Generator) -> Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def projections(seed: int, rank: int, out_max: int, in_max: int,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                ) -> tuple[Tensor, Tensor]:
+def projections(
+    seed: int,
+    rank: int,
+    out_max: int,
+    in_max: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
     """The frozen pair (A: rank × in_max, B: out_max × rank), exactly as PEFT draws them:
     a CPU generator seeded with ``seed`` draws A first, then B. Cached: every caller asking
     for the same pair gets the same tensors."""
@@ -72,8 +77,15 @@ class VeRA(Adapter):
         above min(out, in) still enlarges the reachable ΔW (PEFT's default r is 256)."""
         return None
 
-    def __init__(self, base: nn.Linear, *, d_initial: float = 0.1, projection_seed: int = 0,
-                 projection_shape: tuple[int, int] | None = None, **common: Any) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        d_initial: float = 0.1,
+        projection_seed: int = 0,
+        projection_shape: tuple[int, int] | None = None,
+        **common: Any,
+    ) -> None:
         super().__init__(base, **common)
         own = (self.out_features, self.in_features)
         shape = own if projection_shape is None else tuple(int(v) for v in projection_shape)
@@ -94,8 +106,9 @@ class VeRA(Adapter):
         """Set A, B to this layer's slices of the shared frozen pair, on the base weight's device
         and dtype."""
         w = self.base.weight
-        A, B = projections(self.projection_seed, self.rank, *self.projection_shape,
-                           dtype=w.dtype, device=w.device)
+        A, B = projections(
+            self.projection_seed, self.rank, *self.projection_shape, dtype=w.dtype, device=w.device
+        )
         self.register_buffer("A", A[:, : self.in_features], persistent=False)
         self.register_buffer("B", B[: self.out_features, :], persistent=False)
 
@@ -107,13 +120,15 @@ class VeRA(Adapter):
         return self.d * F.linear(x, self.A), self.b[:, None] * self.B, 1.0
 
     def config(self) -> dict:
-        return {**super().config(), "d_initial": self.d_initial,
-                "projection_seed": self.projection_seed,
-                "projection_shape": list(self.projection_shape)}
+        return {
+            **super().config(),
+            "d_initial": self.d_initial,
+            "projection_seed": self.projection_seed,
+            "projection_shape": list(self.projection_shape),
+        }
 
     @classmethod
-    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True,
-                         **options: Any) -> dict[str, tuple[int, ...]]:
+    def trainable_shapes(cls, out_f: int, in_f: int, rank: int, bias: bool = True, **options: Any) -> Shapes:
         """d (r) and b (out): r + out; the frozen A, B are shared and never saved."""
         return {"d": (rank,), "b": (out_f,)}
 

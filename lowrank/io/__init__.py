@@ -10,6 +10,18 @@ from .format import CONFIG, FORMAT, FORMAT_VERSION, TENSORS, AdapterFileError, r
 from .load import load_adapters
 from .peft import PEFT_CONFIG, PEFT_TENSORS, from_peft, read_peft_dir, to_peft
 
-__all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "PEFT_CONFIG", "PEFT_TENSORS", "TENSORS",
-           "AdapterFileError", "from_peft", "load_adapters", "read_adapter_dir", "read_peft_dir",
-           "save_adapters", "to_peft"]
+__all__ = [
+    "CONFIG",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PEFT_CONFIG",
+    "PEFT_TENSORS",
+    "TENSORS",
+    "AdapterFileError",
+    "from_peft",
+    "load_adapters",
+    "read_adapter_dir",
+    "read_peft_dir",
+    "save_adapters",
+    "to_peft",
+]

@@ -36,8 +36,9 @@ class AdapterFileError(ValueError):
 
 
 # --------------------------------------------------------------------------- directories
-def _writable(model: nn.Module, path: str | os.PathLike, overwrite: bool, verb: str
-              ) -> tuple[Path, dict[str, Adapter]]:
+def _writable(
+    model: nn.Module, path: str | os.PathLike, overwrite: bool, verb: str
+) -> tuple[Path, dict[str, Adapter]]:
     """The adapters to write and the destination, refusing an empty model, a path that is a
     file or, without ``overwrite``, an existing path."""
     ads = adapters(model)
@@ -61,8 +62,7 @@ def _host(t: torch.Tensor, label: str) -> torch.Tensor:
     return t.detach().contiguous().cpu()
 
 
-def _saved_tensors(model: nn.Module, label: Callable[[str, str], str]
-                   ) -> dict[str, torch.Tensor]:
+def _saved_tensors(model: nn.Module, label: Callable[[str, str], str]) -> dict[str, torch.Tensor]:
     """The tensors of the model's ``modules_to_save``, keyed by ``label(module, key)``."""
     out = {}
     for name in getattr(model, "lowrank_modules_to_save", []):
@@ -88,8 +88,9 @@ def _write_dir(path: Path, files: dict[str, Any]) -> Path:
     return path
 
 
-def _read_dir(path: Path, config_name: str, tensors_name: str, kind: str, writer: str
-              ) -> tuple[Any, dict[str, torch.Tensor]]:
+def _read_dir(
+    path: Path, config_name: str, tensors_name: str, kind: str, writer: str
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """(parsed JSON config, tensors) of an adapter directory; one sentence for each way it
     can be broken (missing files, invalid JSON, damaged safetensors)."""
     if not (path / config_name).is_file() or not (path / tensors_name).is_file():
@@ -140,14 +141,19 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
 
 
 # Each field of a layer's entry in adapter_config.json, its type, and how to say it.
-_LAYER_FIELDS = {"variant": (str, "a variant name"), "options": (dict, "a mapping of options"),
-                 "in_features": (int, "an integer"), "out_features": (int, "an integer"),
-                 "tensors": (dict, "a mapping of tensor names to shapes")}
+_LAYER_FIELDS = {
+    "variant": (str, "a variant name"),
+    "options": (dict, "a mapping of options"),
+    "in_features": (int, "an integer"),
+    "out_features": (int, "an integer"),
+    "tensors": (dict, "a mapping of tensor names to shapes"),
+}
 
 
 def _is_shape(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    )
 
 
 def _check_layer(name: str, spec: Any, bad: Callable[[str], AdapterFileError]) -> None:
@@ -166,6 +172,7 @@ def _check_layer(name: str, spec: Any, bad: Callable[[str], AdapterFileError]) -
 
 def _check_schema(config: dict[str, Any], where: Path) -> None:
     """The structure and types of a lowrank adapter_config.json, one sentence per defect."""
+
     def bad(what: str) -> AdapterFileError:
         return AdapterFileError(f"{where}: {what}; re-save the adapter with lr.save_adapters")
 
@@ -182,22 +189,29 @@ def _check_schema(config: dict[str, Any], where: Path) -> None:
 
 def _check_listing(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
     """The tensors file holds exactly the tensors the config lists (plus modules_to_save's)."""
-    listed = {f"{name}::{k}": shape for name, spec in config["layers"].items()
-              for k, shape in spec["tensors"].items()}
+    listed = {
+        f"{name}::{k}": shape
+        for name, spec in config["layers"].items()
+        for k, shape in spec["tensors"].items()
+    }
     saved = set(config.get("modules_to_save", []))
     for key, shape in listed.items():
         if key not in tensors:
-            raise AdapterFileError(f"{path / TENSORS} lacks tensor {key!r}, which {CONFIG} lists; "
-                                   "re-save the adapter with lr.save_adapters")
+            raise AdapterFileError(
+                f"{path / TENSORS} lacks tensor {key!r}, which {CONFIG} lists; "
+                "re-save the adapter with lr.save_adapters"
+            )
         if list(tensors[key].shape) != shape:
             raise AdapterFileError(
                 f"tensor {key!r} is {tuple(tensors[key].shape)} in {TENSORS} but {tuple(shape)} in "
-                f"{CONFIG}; re-save the adapter with lr.save_adapters")
+                f"{CONFIG}; re-save the adapter with lr.save_adapters"
+            )
     for key in tensors:
         if key not in listed and key.partition("::")[0] not in saved:
             raise AdapterFileError(
                 f"{path / TENSORS} holds tensor {key!r}, which {CONFIG} does not list; re-save "
-                "the adapter with lr.save_adapters")
+                "the adapter with lr.save_adapters"
+            )
 
 
 def read_adapter_dir(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -28,8 +28,9 @@ def _lowrank_label(owner: str, key: str) -> str:
     return f"{owner}::{key}"
 
 
-def _same_tensors(have: dict[str, torch.Tensor], want: dict[str, torch.Tensor], owner: str,
-                  what: str, label: Label) -> None:
+def _same_tensors(
+    have: dict[str, torch.Tensor], want: dict[str, torch.Tensor], owner: str, what: str, label: Label
+) -> None:
     """The file's tensors ``have`` for ``owner`` must be ``want``'s names and shapes exactly."""
     for k in [*want, *(k for k in have if k not in want)]:
         mine = tuple(want[k].shape) if k in want else None
@@ -54,8 +55,7 @@ def _build(name: str, spec: dict[str, Any], linear: nn.Linear) -> Adapter:
         ) from e
 
 
-def _layer_module(name: str, spec: dict[str, Any], modules: dict[str, nn.Module]
-                  ) -> nn.Linear | Adapter:
+def _layer_module(name: str, spec: dict[str, Any], modules: dict[str, nn.Module]) -> nn.Linear | Adapter:
     """The model's module that the file's layer ``name`` adapts: a Linear (or an adapter) of
     the file's shape, with a variant this lowrank has."""
     mod = modules.get(name)
@@ -65,8 +65,10 @@ def _layer_module(name: str, spec: dict[str, Any], modules: dict[str, nn.Module]
             "the model it was trained on"
         )
     if not isinstance(mod, (nn.Linear, Adapter)):
-        raise AdapterFileError(f"layer {name!r} is a {type(mod).__name__}, not a Linear; load "
-                               "the file into the model it was trained on")
+        raise AdapterFileError(
+            f"layer {name!r} is a {type(mod).__name__}, not a Linear; load "
+            "the file into the model it was trained on"
+        )
     shape = (mod.out_features, mod.in_features)
     if shape != (spec["out_features"], spec["in_features"]):
         raise AdapterFileError(
@@ -82,8 +84,9 @@ def _layer_module(name: str, spec: dict[str, Any], modules: dict[str, nn.Module]
     return mod
 
 
-def _prepare(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-             label: Label) -> tuple[dict[str, Adapter], dict[int, Adapter]]:
+def _prepare(
+    model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], label: Label
+) -> tuple[dict[str, Adapter], dict[int, Adapter]]:
     """Check everything against ``model`` and build the new adapters, without changing the
     model: ({layer: the adapter to load}, {id(Linear): its new adapter})."""
     modules = _named_modules(model)
@@ -99,12 +102,19 @@ def _prepare(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.
                 new[id(mod)] = _build(name, spec, mod)
             targets[name] = new[id(mod)]
         have = {k: tensors[f"{name}::{k}"] for k in spec["tensors"]}
-        _same_tensors(have, targets[name].adapter_state(), name,
-                      f"a {spec['variant']!r} adapter with the file's options {spec['options']}", label)
+        _same_tensors(
+            have,
+            targets[name].adapter_state(),
+            name,
+            f"a {spec['variant']!r} adapter with the file's options {spec['options']}",
+            label,
+        )
     for name in config.get("modules_to_save", []):
         if name not in modules:
-            raise AdapterFileError(f"modules_to_save entry {name!r} is not in this model; load "
-                                   "the file into the model it was trained on")
+            raise AdapterFileError(
+                f"modules_to_save entry {name!r} is not in this model; load "
+                "the file into the model it was trained on"
+            )
         have = {k.partition("::")[2]: t for k, t in tensors.items() if k.partition("::")[0] == name}
         _same_tensors(have, modules[name].state_dict(), name, "the model", label)
     return targets, new
@@ -120,8 +130,11 @@ def _same_variant(name: str, mod: Adapter, spec: dict[str, Any]) -> None:
     mine = {k: v for k, v in mod.config().items() if k != "seed"}
     theirs = {k: v for k, v in spec["options"].items() if k != "seed"}
     if mine != theirs:
-        diff = {k: (mine.get(k), theirs.get(k)) for k in mine.keys() | theirs.keys()
-                if mine.get(k) != theirs.get(k)}
+        diff = {
+            k: (mine.get(k), theirs.get(k))
+            for k in mine.keys() | theirs.keys()
+            if mine.get(k) != theirs.get(k)
+        }
         raise AdapterFileError(
             f"layer {name!r} holds a {mod.name!r} adapter but the file has other options "
             f"(here vs file: {diff}); load into a model without adapters, or inject "
@@ -157,8 +170,9 @@ def _freeze_and_swap(model: nn.Module, new: dict[int, Adapter]) -> None:
 
 
 @torch.no_grad()
-def _load(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-          label: Label = _lowrank_label) -> nn.Module:
+def _load(
+    model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], label: Label = _lowrank_label
+) -> nn.Module:
     """Check and build on the side (:func:`_prepare`), then freeze, swap in and fill ``model``
     from a lowrank (config, tensors) pair; ``label`` names the file's tensors in messages."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -176,8 +190,7 @@ def _load(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Ten
         ad.unmerge()
         ref = ad.base.weight
         ad.load_adapter_state(
-            {k: tensors[f"{name}::{k}"].to(device=ref.device, dtype=ref.dtype)
-             for k in spec["tensors"]}
+            {k: tensors[f"{name}::{k}"].to(device=ref.device, dtype=ref.dtype) for k in spec["tensors"]}
         )
         if was_merged:
             ad.merge()

@@ -56,15 +56,19 @@ def _reader(config: dict[str, Any]) -> type[Adapter]:
     config's peft_type and flags (an absent flag being False)."""
     for cls in _peft_variants():
         if cls.peft.peft_type == config.get("peft_type") and all(
-                config.get(k, False) == v for k, v in cls.peft.config.items()):
+            config.get(k, False) == v for k, v in cls.peft.config.items()
+        ):
             return cls
     flags = {k: config.get(k) for cls in _peft_variants() for k in cls.peft.config}
-    raise AdapterFileError(f"peft_type {config.get('peft_type')!r}{_with(flags)} is not supported; "
-                           f"from_peft reads {_supported()}")
+    raise AdapterFileError(
+        f"peft_type {config.get('peft_type')!r}{_with(flags)} is not supported; "
+        f"from_peft reads {_supported()}"
+    )
 
 
-def _peft_layers(tensors: dict[str, torch.Tensor], names: dict[str, str]
-                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _peft_layers(
+    tensors: dict[str, torch.Tensor], names: dict[str, str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Split PEFT's tensors into {layer: {our name: tensor}} (``names``: ours to PEFT's) and
     the remaining tensors."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -72,7 +76,7 @@ def _peft_layers(tensors: dict[str, torch.Tensor], names: dict[str, str]
     for key, t in tensors.items():
         for ours, suffix in names.items():
             if key.startswith(_PREFIX) and key.endswith("." + suffix):
-                layers.setdefault(key[len(_PREFIX):-len(suffix) - 1], {})[ours] = t
+                layers.setdefault(key[len(_PREFIX) : -len(suffix) - 1], {})[ours] = t
                 break
         else:
             rest[key] = t
@@ -88,15 +92,16 @@ def _owners(model: nn.Module | None, rest: dict[str, torch.Tensor]) -> dict[str,
     if model is not None:
         return {n: list(sd) for n, m in _named_modules(model).items() if (sd := m.state_dict())}
     owners: dict[str, list[str]] = {}
-    for key in (k[len(_PREFIX):] for k in rest if k.startswith(_PREFIX)):
+    for key in (k[len(_PREFIX) :] for k in rest if k.startswith(_PREFIX)):
         parts = key.split(".")
         for i in range(1, len(parts)):
             owners.setdefault(".".join(parts[:i]), []).append(".".join(parts[i:]))
     return owners
 
 
-def _peft_saved_modules(model: nn.Module | None, config: dict[str, Any], rest: dict[str, torch.Tensor]
-                        ) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _peft_saved_modules(
+    model: nn.Module | None, config: dict[str, Any], rest: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, torch.Tensor]]:
     """modules_to_save as PEFT resolves it, and the tensors it saved for them in lowrank's keys.
 
     PEFT (``_set_trainable``) takes every module whose name ends with an entry (a plain string
@@ -124,8 +129,9 @@ def _peft_saved_modules(model: nn.Module | None, config: dict[str, Any], rest: d
     return names, out
 
 
-def read_peft_dir(adapter_dir: str | os.PathLike, model: nn.Module | None = None
-                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_peft_dir(
+    adapter_dir: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A PEFT adapter directory as lowrank's (config, tensors) pair, what :func:`from_peft`
     loads: each adapted layer as the variant whose :attr:`~lowrank.Adapter.peft` has the file's
     peft_type and flags, with PEFT's tensors under lowrank's names. ``model`` (the base model)
@@ -139,14 +145,22 @@ def read_peft_dir(adapter_dir: str | os.PathLike, model: nn.Module | None = None
     layers = _READ_LAYERS[cls.peft.peft_type](cls, config, found, model, rest)
     ours: dict[str, torch.Tensor] = {}
     for name, ts in found.items():
-        layers[name] = {"variant": cls.name, **layers[name],
-                        "tensors": {k: list(t.shape) for k, t in ts.items()}}
+        layers[name] = {
+            "variant": cls.name,
+            **layers[name],
+            "tensors": {k: list(t.shape) for k, t in ts.items()},
+        }
         ours.update({f"{name}::{k}": t for k, t in ts.items()})
     saved, saved_tensors = _peft_saved_modules(model, config, rest)
     ours.update(saved_tensors)
-    return {"format": f"PEFT {cls.peft.peft_type}", "version": None,
-            "writer": f"PEFT {config.get('peft_version', '(version not recorded)')}",
-            "lowrank_version": None, "layers": layers, "modules_to_save": saved}, ours
+    return {
+        "format": f"PEFT {cls.peft.peft_type}",
+        "version": None,
+        "writer": f"PEFT {config.get('peft_version', '(version not recorded)')}",
+        "lowrank_version": None,
+        "layers": layers,
+        "modules_to_save": saved,
+    }, ours
 
 
 def from_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -177,13 +191,15 @@ def from_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- writing
-def _check_peft_saved(model: nn.Module, ads: dict[str, Adapter], saved: list[str],
-                      peft_type: str) -> None:
+def _check_peft_saved(model: nn.Module, ads: dict[str, Adapter], saved: list[str], peft_type: str) -> None:
     """PEFT takes every module whose name ends with a modules_to_save entry (a plain string
     suffix): refuse an entry that would also take another module of the base model that has
     tensors, or one of PEFT's own submodules (``out`` ends ``q.lora_dropout``)."""
-    names = [n for n, m in _named_modules(model).items()
-             if m.state_dict() and not any(n.startswith(a + ".") for a in ads)]
+    names = [
+        n
+        for n, m in _named_modules(model).items()
+        if m.state_dict() and not any(n.startswith(a + ".") for a in ads)
+    ]
     names += [f"{a}.{x}" for a in ads for x in _PEFT_INNER[peft_type]]
     for entry in saved:
         for n in names:
@@ -218,12 +234,15 @@ def to_peft(model: nn.Module, adapter_dir: str | os.PathLike, overwrite: bool = 
     exported = {name: ad.peft_export() for name, ad in ads.items()}
     bad = sorted({ads[name].name for name, e in exported.items() if e is None})
     if bad:
-        raise ValueError(f"to_peft writes only adapters that PEFT has a format for, not {bad[0]!r}; "
-                         "save it with lr.save_adapters instead")
+        raise ValueError(
+            f"to_peft writes only adapters that PEFT has a format for, not {bad[0]!r}; "
+            "save it with lr.save_adapters instead"
+        )
     readers = [c.name for c in _peft_variants()]
-    _uniform({n: _reader({"peft_type": f.peft_type, **f.config}).name
-              for n, (f, _, _, _) in exported.items()},
-             f"PEFT adapter type ({', '.join(readers[:-1])} or {readers[-1]})")
+    _uniform(
+        {n: _reader({"peft_type": f.peft_type, **f.config}).name for n, (f, _, _, _) in exported.items()},
+        f"PEFT adapter type ({', '.join(readers[:-1])} or {readers[-1]})",
+    )
     fmt = next(iter(exported.values()))[0]
     dropout = _uniform({n: ad.dropout_p for n, ad in ads.items()}, "dropout")
     tensors = _saved_tensors(model, lambda name, k: f"{_PREFIX}{name}.{k}")
@@ -234,10 +253,18 @@ def to_peft(model: nn.Module, adapter_dir: str | os.PathLike, overwrite: bool = 
     saved = list(getattr(model, "lowrank_modules_to_save", []))
     _check_peft_saved(model, ads, saved, fmt.peft_type)
     own, shared = _WRITE_FIELDS[fmt.peft_type](ads, exported, dropout)
-    config = {"bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-              "modules_to_save": saved or None, "task_type": None,
-              "base_model_name_or_path": None, "revision": None,
-              # a regex matched with re.fullmatch: exactly these modules, nothing that ends alike
-              "target_modules": "(?:" + "|".join(re.escape(n) for n in ads) + ")",
-              "peft_type": fmt.peft_type, **fmt.config, **own}
+    config = {
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": saved or None,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        # a regex matched with re.fullmatch: exactly these modules, nothing that ends alike
+        "target_modules": "(?:" + "|".join(re.escape(n) for n in ads) + ")",
+        "peft_type": fmt.peft_type,
+        **fmt.config,
+        **own,
+    }
     return _write_dir(path, {PEFT_TENSORS: {**tensors, **shared}, PEFT_CONFIG: config})

@@ -48,8 +48,11 @@ def _imports(path: Path) -> set[Path]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lowrank":
             root = node.module.removeprefix("lowrank").lstrip(".")
         elif isinstance(node, ast.Import):
-            found |= {_module_file(a.name.removeprefix("lowrank").lstrip("."))
-                      for a in node.names if a.name.split(".")[0] == "lowrank"}
+            found |= {
+                _module_file(a.name.removeprefix("lowrank").lstrip("."))
+                for a in node.names
+                if a.name.split(".")[0] == "lowrank"
+            }
             continue
         else:
             continue
@@ -79,9 +82,13 @@ def _normalised(path: Path) -> str:
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree, annotate_fields=False)
 

@@ -88,12 +88,14 @@ def sweep(
     for s in pending:  # a misspelt option fails here, at once, not in a worker mid-sweep
         check_options(s.variant, s.variant_options)
     if progress and specs:
-        print(f"{Path(out).name}, {desc}: {len(wanted) - len(pending)} runs reused (made by this code, "
-              f"{current}), {len(stale)} stale runs (other code) re-run, "
-              f"{len(pending) - len(stale)} new", file=sys.stderr)
+        print(
+            f"{Path(out).name}, {desc}: {len(wanted) - len(pending)} runs reused (made by this code, "
+            f"{current}), {len(stale)} stale runs (other code) re-run, "
+            f"{len(pending) - len(stale)} new",
+            file=sys.stderr,
+        )
     rows = {row[KEY]: row for row in df.to_dict("records")} if len(df) else {}
-    bar = tqdm(total=len(pending), desc=desc, disable=not progress or not pending,
-               file=sys.stderr)
+    bar = tqdm(total=len(pending), desc=desc, disable=not progress or not pending, file=sys.stderr)
     logs = Path(out).parent / f".{Path(out).stem}.submitit"  # submitit's job folder
     for row in execute(run_one, pending, workers, executor, scheduler, logs):
         rows[row[KEY]] = row  # in place of a stale row of the same run

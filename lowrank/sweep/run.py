@@ -41,11 +41,14 @@ def _weights(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
 def _robustness(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
     """Test accuracy clean, under FGSM and under 10-step PGD, at ε = ``config.adv_eps``."""
     eps, bounds = config.adv_eps, task.input_bounds
-    return {"robust_eps": eps,
-            "test_clean_accuracy": robust_accuracy(model, task, "test", None),
-            "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps, bounds)),
-            "test_pgd_accuracy": robust_accuracy(model, task, "test",
-                                                 pgd(eps, ROBUST_PGD_STEPS, config.seed, bounds))}
+    return {
+        "robust_eps": eps,
+        "test_clean_accuracy": robust_accuracy(model, task, "test", None),
+        "test_fgsm_accuracy": robust_accuracy(model, task, "test", fgsm(eps, bounds)),
+        "test_pgd_accuracy": robust_accuracy(
+            model, task, "test", pgd(eps, ROBUST_PGD_STEPS, config.seed, bounds)
+        ),
+    }
 
 
 def _predictions(model: Any, task: Task, config: TrainConfig) -> dict[str, Any]:
@@ -63,8 +66,10 @@ def encode_correct(correct: Any) -> str:
 def decode_correct(text: Any) -> np.ndarray:
     """The 0/1 scores of :func:`encode_correct`'s string, as a float array."""
     if not (isinstance(text, str) and text and set(text) <= {"0", "1"}):
-        raise ValueError(f"test_correct={str(text)[:40]!r} is not a string of 0s and 1s; read the "
-                         "CSV with lowrank.sweep.read_results (pandas alone reads it as a number)")
+        raise ValueError(
+            f"test_correct={str(text)[:40]!r} is not a string of 0s and 1s; read the "
+            "CSV with lowrank.sweep.read_results (pandas alone reads it as a number)"
+        )
     return (np.frombuffer(text.encode(), dtype=np.uint8) - ord("0")).astype(np.float64)
 
 
@@ -81,17 +86,25 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     task = _task(spec.task, json.dumps(spec.task_options, sort_keys=True))
     if "predictions" in spec.measure and not isinstance(task, HasPerExampleScores):
         scored = [n for n in tasks.names() if issubclass(tasks.task_class(n), HasPerExampleScores)]
-        raise ValueError(f"measure 'predictions' needs per-example test scores, which task "
-                         f"{spec.task!r} (metric {task.metric!r}) does not give; ask for it on a "
-                         f"classification task: {', '.join(scored)}")
+        raise ValueError(
+            f"measure 'predictions' needs per-example test scores, which task "
+            f"{spec.task!r} (metric {task.metric!r}) does not give; ask for it on a "
+            f"classification task: {', '.join(scored)}"
+        )
     config = TrainConfig(seed=spec.seed, lr=spec.lr, quiet=True, **spec.train)
     seed_everything(spec.seed)
     model = task.pretrained()
     options = dict(spec.variant_options)
     if spec.rank is not None:
         options["rank"] = spec.rank
-    inject(model, spec.variant, targets=task.targets, modules_to_save=task.modules_to_save,
-           seed=spec.seed, **options)
+    inject(
+        model,
+        spec.variant,
+        targets=task.targets,
+        modules_to_save=task.modules_to_save,
+        seed=spec.seed,
+        **options,
+    )
     row: dict[str, Any] = {
         KEY: spec.run_id,
         GROUP: spec.group_id,

@@ -22,8 +22,11 @@ def groups(df: pd.DataFrame) -> pd.Series:
     """Each row's learning-rate search group: ``group_id`` (every field of the spec but seed and
     lr, so training configurations never share a search), or for rows written before that
     column existed, their (task, variant, rank, options)."""
-    legacy = pd.Series(["|".join(map(str, t)) for t in df[LEGACY_GROUP].itertuples(index=False)],
-                       index=df.index, dtype=object)
+    legacy = pd.Series(
+        ["|".join(map(str, t)) for t in df[LEGACY_GROUP].itertuples(index=False)],
+        index=df.index,
+        dtype=object,
+    )
     return df[GROUP].fillna(legacy) if GROUP in df else legacy
 
 
@@ -41,12 +44,14 @@ def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
     return pick[["group", *LEGACY_GROUP, "lr"]].reset_index(drop=True)
 
 
-def log_grid(centre: float, points: int = 5, step: float = 10 ** 0.5) -> list[float]:
+def log_grid(centre: float, points: int = 5, step: float = 10**0.5) -> list[float]:
     """``points`` learning rates centred on ``centre`` in geometric steps of ``step`` (default
     half a decade): log_grid(1e-2) = [1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1]."""
     if not (centre > 0 and step > 1 and isinstance(points, int) and points >= 1):
-        raise ValueError(f"log_grid(centre={centre!r}, points={points!r}, step={step!r}) needs "
-                         "centre > 0, an integer points >= 1 and step > 1")
+        raise ValueError(
+            f"log_grid(centre={centre!r}, points={points!r}, step={step!r}) needs "
+            "centre > 0, an integer points >= 1 and step > 1"
+        )
     return [float(f"{centre * step ** (k - (points - 1) / 2):.6g}") for k in range(points)]
 
 
@@ -102,8 +107,9 @@ def tuned_sweep(
     grids = {s.group_id: list(lr_grid(s) if callable(lr_grid) else lr_grid) for s in base}
     for s in base:
         if not grids[s.group_id]:
-            raise ValueError(f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; "
-                             "give it at least one rate")
+            raise ValueError(
+                f"the learning-rate grid of {s.variant} (rank {s.rank}) is empty; give it at least one rate"
+            )
     search: list[RunSpec] = []
     for i in range(extend + 1):
         search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
@@ -130,7 +136,8 @@ def tuned_sweep(
     df.loc[selected, "lr_selection"] = [
         f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
         f"reused for the other seeds{_verdict(status.at[g, 'status'], extend)}"
-        for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])]
+        for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])
+    ]
     write_atomic(df, out)
     return df[selected].copy()
 

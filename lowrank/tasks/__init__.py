@@ -3,7 +3,7 @@
 >>> import lowrank.tasks
 >>> lowrank.tasks.names()
 ['charlm', 'digits', 'mnist', 'synthetic', 'text']
->>> task = lowrank.tasks.get("synthetic", planted_rank=4)    # doctest: +SKIP
+>>> task = lowrank.tasks.get("synthetic", planted_rank=4)  # doctest: +SKIP
 
 Task modules are imported on first use, so ``get("synthetic")`` never imports transformers.
 """
@@ -53,5 +53,16 @@ def get(name: str, **options: Any) -> Task:
     return cls(**options)
 
 
-__all__ = ["Classification", "HasAnalysis", "HasInputBounds", "HasLengths", "HasPerExampleScores",
-           "Task", "TrainTask", "cache_dir", "get", "names", "task_class"]
+__all__ = [
+    "Classification",
+    "HasAnalysis",
+    "HasInputBounds",
+    "HasLengths",
+    "HasPerExampleScores",
+    "Task",
+    "TrainTask",
+    "cache_dir",
+    "get",
+    "names",
+    "task_class",
+]

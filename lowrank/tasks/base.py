@@ -4,10 +4,11 @@ training loop needs of a task) with its optional capabilities, and what tasks sh
 A task owns a pretrained base model and the fixed train/dev/test splits of its downstream
 (adaptation) problem. Training code sees a task only through this interface:
 
->>> task = lowrank.tasks.get("synthetic")                     # doctest: +SKIP
->>> model = lr.inject(task.pretrained(), "lora", targets=task.targets,
-...                   modules_to_save=task.modules_to_save, rank=4)
->>> loss = task.loss(model, next(iter(loader)))               # a batch of task.split("train")
+>>> task = lowrank.tasks.get("synthetic")  # doctest: +SKIP
+>>> model = lr.inject(
+...     task.pretrained(), "lora", targets=task.targets, modules_to_save=task.modules_to_save, rank=4
+... )
+>>> loss = task.loss(model, next(iter(loader)))  # a batch of task.split("train")
 >>> task.evaluate(model, "dev")[task.metric]
 
 ``embed`` maps a batch to the continuous input representation z (pixels, word or character
@@ -151,8 +152,9 @@ class Classification(Task):
         """Per example of ``split``, in split order: whether :meth:`predict` is the label."""
         return is_correct(self.predict(model, split, batch_size), self.split(split).tensors[-1])
 
-    def forgetting_metrics(self, model: nn.Module, split: str, old: Sequence[Tensor],
-                           batch_size: int = 512) -> dict[str, float]:
+    def forgetting_metrics(
+        self, model: nn.Module, split: str, old: Sequence[Tensor], batch_size: int = 512
+    ) -> dict[str, float]:
         """``accuracy`` on the downstream ``split``, ``old_accuracy`` on ``old`` (the same split
         of the pre-training task) and ``forgetting`` = the pretrained model's old accuracy −
         ``old_accuracy`` (the pretrained reference is computed once per split)."""
@@ -206,12 +208,10 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int) -> dict[str
     """Disjoint seeded train/dev/test indices of range(n): dev and test take ``fractions``."""
     perm = seeded_permutation(n, seed)
     n_dev, n_test = round(fractions[0] * n), round(fractions[1] * n)
-    return {"test": perm[:n_test], "dev": perm[n_test : n_test + n_dev],
-            "train": perm[n_test + n_dev :]}
+    return {"test": perm[:n_test], "dev": perm[n_test : n_test + n_dev], "train": perm[n_test + n_dev :]}
 
 
-def check_int(name: str, value: Any, low: int, high: int | None = None,
-              none_ok: bool = False) -> None:
+def check_int(name: str, value: Any, low: int, high: int | None = None, none_ok: bool = False) -> None:
     """Raise a one-sentence ValueError unless ``value`` is an int in [low, high]."""
     if value is None and none_ok:
         return

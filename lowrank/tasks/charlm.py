@@ -114,9 +114,17 @@ class CharLM(Task):
     metric = "perplexity"
     higher_is_better = False
 
-    def __init__(self, source: str = "dialog", target: str = "news", seq_len: int = 64,
-                 max_chars: int | None = 1_000_000, n_train: int | None = None,
-                 embed_dim: int = 32, hidden: int = 128, pretrain_steps: int = 2000) -> None:
+    def __init__(
+        self,
+        source: str = "dialog",
+        target: str = "news",
+        seq_len: int = 64,
+        max_chars: int | None = 1_000_000,
+        n_train: int | None = None,
+        embed_dim: int = 32,
+        hidden: int = 128,
+        pretrain_steps: int = 2000,
+    ) -> None:
         super().__init__()
         check_choice("source", source, TEXTS)
         check_choice("target", target, TEXTS)
@@ -141,11 +149,18 @@ class CharLM(Task):
 
     def build_pretrained(self) -> nn.Module:
         model = CharLSTM(len(VOCAB), self.embed_dim, self.hidden)
-        options = {k: getattr(self, k) for k in
-                   ("source", "seq_len", "max_chars", "embed_dim", "hidden", "pretrain_steps")}
-        return cached_pretrained(self.name, options, model, lambda m: pretrain(
-            m, self.loss, self.old["train"].tensors, self.pretrain_steps, batch_size=64,
-            lr=3e-3, clip=1.0))
+        options = {
+            k: getattr(self, k)
+            for k in ("source", "seq_len", "max_chars", "embed_dim", "hidden", "pretrain_steps")
+        }
+        return cached_pretrained(
+            self.name,
+            options,
+            model,
+            lambda m: pretrain(
+                m, self.loss, self.old["train"].tensors, self.pretrain_steps, batch_size=64, lr=3e-3, clip=1.0
+            ),
+        )
 
     def make_splits(self) -> dict[str, TensorDataset]:
         splits = self._parts(self.target)
@@ -177,5 +192,8 @@ class CharLM(Task):
         with evaluating(model):
             nll = self._nll(model, self.split(split), batch_size)
             old = self._nll(model, self.old[split], batch_size)
-        return {"perplexity": math.exp(nll), "bits_per_char": nll / math.log(2),
-                "old_perplexity": math.exp(old)}
+        return {
+            "perplexity": math.exp(nll),
+            "bits_per_char": nll / math.log(2),
+            "old_perplexity": math.exp(old),
+        }

@@ -76,8 +76,12 @@ class Digits(Classification):
         model.shift.copy_(x.mean(0))
         model.scale.copy_(x.std(0).clamp_min(0.1))  # rarely-inked pixels are not blown up
         options = {"pretrain_steps": self.pretrain_steps, "hidden": self.hidden}
-        return cached_pretrained(self.name, options, model, lambda m: pretrain(
-            m, self.loss, (x, y), self.pretrain_steps, batch_size=64, lr=1e-3))
+        return cached_pretrained(
+            self.name,
+            options,
+            model,
+            lambda m: pretrain(m, self.loss, (x, y), self.pretrain_steps, batch_size=64, lr=1e-3),
+        )
 
     def make_splits(self) -> dict[str, TensorDataset]:
         return dict(self.new)

