@@ -324,10 +324,10 @@ def spectrum_rank_of(L: pd.DataFrame, spectrum_rank: int) -> int | None:
 
 def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -> list[Path]:
     """One row per task: σᵢ/σ₁ of ΔW vs i for the B·A family (:func:`ba_family`) and for the
-    other variants at the rank :func:`spectrum_rank_of` picks (median over layers and seeds,
-    interquartile band; full fine-tuning's W − W₀ in black), then effective rank and rank90 vs r
-    (layer mean; mean ± std over seeds; full fine-tuning a band, y = r dotted). ``df`` is the
-    spectra study's table."""
+    other variants, each panel at the rank :func:`spectrum_rank_of` picks for its variants (median
+    over layers and seeds, interquartile band; full fine-tuning's W − W₀ in black), then effective
+    rank and rank90 vs r (layer mean; mean ± std over seeds; full fine-tuning a band, y = r
+    dotted). ``df`` is the spectra study's table."""
     lay, sv = df[df["kind"] == "layer"], df[df["kind"] == "sv"]
     names = [t if not isinstance(d, str) or not d else str(d) for t, d in zip(df["task"], df["dataset"])]
     df = df.assign(_task=names)
@@ -344,8 +344,8 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, spectrum_rank: int = 16) -
         for row, task in zip(axes, tasks):
             L, S = lay[lay["_task"] == task], sv[sv["_task"] == task]
             ranks = sorted({int(r) for r in L["rank"].dropna()})
-            r_star = spectrum_rank_of(L, spectrum_rank)
-            for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):
+            for ax, group, title in zip(row[:2], groups, ("B·A family", "others")):  # each its own rank
+                r_star = spectrum_rank_of(L[L["variant"].isin(group)], spectrum_rank)
                 _spectrum_panel(
                     ax, S, [*sorted(free), *group], free, styles, r_star, f"{task}: {title}, r = {r_star}"
                 )
