@@ -307,6 +307,20 @@ def test_an_optimum_beyond_the_cap_is_reported_as_capped(tmp_path, monkeypatch):
     assert sw.search_status(read_results(out))["status"].tolist() == ["low edge"]
 
 
+def test_a_capped_search_resumes_without_stepping_further(tmp_path, monkeypatch):
+    """Resuming repeats the first call's extensions from the CSV: a capped group is not
+    extended again each time the study is re-run, and it is reported the same."""
+    calls = []
+    monkeypatch.setattr(sw.results, "run_one", peaked_at(1e-5, calls))
+    out = tmp_path / "r.csv"
+    first = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=2, progress=False)
+    n, rows = len(calls), len(read_results(out))
+    again = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=2, progress=False)
+    assert len(calls) == n and len(read_results(out)) == rows
+    assert again["lr"].tolist() == first["lr"].tolist() == [0.00111111] * 2
+    assert again["lr_selection"].tolist() == first["lr_selection"].tolist()
+
+
 def test_without_extension_the_grid_and_its_wording_are_as_before(tmp_path, monkeypatch):
     monkeypatch.setattr(sw.results, "run_one", peaked_at(1e-5))
     out = tmp_path / "r.csv"

@@ -115,7 +115,10 @@ def tuned_sweep(
         search = [replace(s, seed=seeds[0], lr=x) for s in base for x in grids[s.group_id]]
         desc = f"lr search, seed {seeds[0]}" + (f", extension {i}" if i else "")
         df = _with_groups(sweep(search, out, desc=desc, **execute), search)
-        status = search_status(df[df[GROUP].isin(grids)], seeds[0]).set_index("group")
+        # only the rates of this pass: a resumed search repeats the first one's steps exactly,
+        # instead of stepping on from rates an earlier call already extended to (and capped at)
+        ours = [lr in grids.get(g, ()) for g, lr in zip(df[GROUP], df["lr"])]
+        status = search_status(df[ours], seeds[0]).set_index("group")
         beyond = {g: _past_edge(status.at[g, "status"], status.at[g, "tried"]) for g in grids}
         beyond = {g: x for g, x in beyond.items() if x is not None and x not in grids[g]}
         if not extend or not beyond:
