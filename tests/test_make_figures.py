@@ -64,3 +64,23 @@ def test_every_variant_has_its_own_colour_and_marker_in_every_figure():
     assert every["full"] == plots.REFERENCE and plots.REFERENCE["color"] not in plots.PALETTE
     for v in lr.variants():
         assert plots.style_for([v, "lora"])[v] == every[v] == plots.style(v)
+
+
+def test_every_committed_csv_was_made_by_the_code_at_hand():
+    """``make_figures --check``: every row of every committed results CSV carries the fingerprint
+    of the code at hand, so no committed number comes from other code."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "studies" / "make_figures.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    checked = [line for line in res.stdout.splitlines() if line.startswith("results/")]
+    committed = {
+        p.name
+        for p in (ROOT / "results").glob("*.csv")
+        if not p.name.endswith((".previous.csv", "_quick.csv"))
+    }  # those are .gitignored
+    assert {line.split(":")[0].removeprefix("results/") for line in checked} == committed
+    assert all(": 0 of " in line for line in checked), res.stdout
