@@ -321,6 +321,43 @@ def test_a_capped_search_resumes_without_stepping_further(tmp_path, monkeypatch)
     assert again["lr_selection"].tolist() == first["lr_selection"].tolist()
 
 
+def test_a_flat_search_is_reported_flat_and_not_extended(tmp_path, monkeypatch):
+    """Every rate scoring the same (a variant that learns nothing at any of them) points to
+    neither edge: the search is not stepped down by the tie-break, and says it is flat."""
+    calls = []
+
+    def flat(spec):
+        calls.append(spec.lr)
+        return {**fake_row(spec), "dev_accuracy": 0.0}
+
+    monkeypatch.setattr(sw.results, "run_one", flat)
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0, 1], out, extend=3, progress=False)
+    assert sorted(set(read_results(out)["lr"])) == [1e-2, 3e-2, 1e-1]  # nothing added
+    assert res["lr"].tolist() == [1e-2, 1e-2]  # the tie goes to the lowest rate
+    assert (
+        res["lr_selection"]
+        .str.endswith("; flat: every rate tried scored the same, so no rate is better and none was added")
+        .all()
+    )
+    assert sw.search_status(read_results(out))["status"].tolist() == ["flat"]
+    assert len(calls) == 4  # three searched, one more seed
+
+
+def test_a_search_that_diverged_everywhere_steps_down(tmp_path, monkeypatch):
+    """All rates diverging is not flat: the scores (all worst) leave the lowest rate chosen
+    at the low edge, and the search goes lower."""
+
+    def diverges_above(spec):
+        row = fake_row(spec)
+        return row if spec.lr < 1e-3 else {**row, "status": "diverged", "dev_accuracy": float("nan")}
+
+    monkeypatch.setattr(sw.results, "run_one", diverges_above)
+    out = tmp_path / "r.csv"
+    res = tuned_sweep(grid(1), [1e-2, 3e-2, 1e-1], [0], out, extend=3, progress=False)
+    assert min(read_results(out)["lr"]) < 1e-3 and res["lr"].tolist()[0] < 1e-3
+
+
 def test_without_extension_the_grid_and_its_wording_are_as_before(tmp_path, monkeypatch):
     monkeypatch.setattr(sw.results, "run_one", peaked_at(1e-5))
     out = tmp_path / "r.csv"

@@ -30,17 +30,24 @@ def groups(df: pd.DataFrame) -> pd.Series:
     return df[GROUP].fillna(legacy) if GROUP in df else legacy
 
 
-def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
-    """The learning rate each search group (:func:`groups`) reached its best dev
-    ``selection_metric`` with (default: the headline metric), at ``search_seed``; diverged runs
-    count as worst. Columns: ``group``, the legacy group columns and ``lr``."""
+def _scored(df: pd.DataFrame, search_seed: int) -> pd.DataFrame:
+    """The rows at ``search_seed`` with ``group`` (:func:`groups`) and ``_score``: the dev
+    ``selection_metric`` (default: the headline metric) signed so lower is better; diverged runs
+    score +inf (worst)."""
     df = df[df["seed"] == search_seed].assign(group=groups)
     chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
     metric = "dev_" + chosen_on.fillna(df["metric"])
-    df["_dev"] = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
+    dev = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
     sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
-    df["_score"] = (df["_dev"] * sign).fillna(float("inf"))
-    pick = df.sort_values(["_score", "lr"]).groupby("group", sort=False).head(1)
+    return df.assign(_score=(pd.Series(dev, index=df.index, dtype=float) * sign).fillna(float("inf")))
+
+
+def best_lr(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
+    """The learning rate each search group (:func:`groups`) reached its best dev
+    ``selection_metric`` with (default: the headline metric), at ``search_seed``; diverged runs
+    count as worst, ties go to the lowest rate. Columns: ``group``, the legacy group columns
+    and ``lr``."""
+    pick = _scored(df, search_seed).sort_values(["_score", "lr"]).groupby("group", sort=False).head(1)
     return pick[["group", *LEGACY_GROUP, "lr"]].reset_index(drop=True)
 
 
@@ -58,12 +65,18 @@ def log_grid(centre: float, points: int = 5, step: float = 10**0.5) -> list[floa
 def search_status(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
     """Per search group: the chosen learning rate (:func:`best_lr`), every rate tried at
     ``search_seed`` (``tried``, sorted) and where the choice sits among them: ``"interior"``,
-    ``"low edge"``, ``"high edge"`` or ``"single rate"`` (nothing was searched)."""
+    ``"low edge"``, ``"high edge"``, ``"flat"`` (every rate tried scored the same, so the
+    scores point nowhere) or ``"single rate"`` (nothing was searched)."""
     chosen = best_lr(df, search_seed)
-    at_seed = df[df["seed"] == search_seed].assign(group=groups)
-    tried = at_seed.groupby("group")["lr"].apply(lambda s: sorted(set(s)))
+    scored = _scored(df, search_seed)
+    tried = scored.groupby("group")["lr"].apply(lambda s: sorted(set(s)))
+    # one finite score at every rate (all diverged is not flat: the search goes lower)
+    flat = scored.groupby("group")["_score"].agg(lambda s: s.nunique() == 1 and s.iloc[0] < float("inf"))
     chosen["tried"] = chosen["group"].map(tried)
-    chosen["status"] = [_where(lr, rates) for lr, rates in zip(chosen["lr"], chosen["tried"])]
+    chosen["status"] = [
+        "flat" if len(rates) > 1 and flat[g] else _where(lr, rates)
+        for g, lr, rates in zip(chosen["group"], chosen["lr"], chosen["tried"])
+    ]
     return chosen
 
 
@@ -75,7 +88,7 @@ def _where(lr: float, rates: Sequence[float]) -> str:
 
 def _past_edge(status: str, rates: Sequence[float]) -> float | None:
     """One geometric step beyond the edge the choice sits at (the step of the two rates there),
-    or None when the choice is interior (or nothing was searched)."""
+    or None when the choice is interior, the search flat, or nothing was searched."""
     if status == "low edge":
         return float(f"{rates[0] ** 2 / rates[1]:.6g}")
     if status == "high edge":
@@ -97,9 +110,11 @@ def tuned_sweep(
     spec its own. With ``extend`` > 0, a group whose best dev score sits at an edge of the rates
     it tried gets one more rate, a step past that edge, and the search repeats until every
     choice is interior or a group has been extended ``extend`` times (then it is reported as
-    capped). Returns the rows of the chosen learning rates for every seed; in the CSV,
-    ``lr_selected`` marks exactly those rows of these groups (a row chosen by an earlier,
-    different grid loses the mark) and ``lr_selection`` says how they were chosen."""
+    capped). A flat search (every rate scored the same) is not extended: its scores point to
+    neither side, and ``lr_selection`` says it is flat. Returns the rows of the chosen learning
+    rates for every seed; in the CSV, ``lr_selected`` marks exactly those rows of these groups
+    (a row chosen by an earlier, different grid loses the mark) and ``lr_selection`` says how
+    they were chosen."""
     if not seeds:
         raise ValueError("seeds is empty; pass at least one seed")
     if not (isinstance(extend, int) and extend >= 0):
@@ -152,6 +167,8 @@ def _verdict(status: str, extend: int) -> str:
         return ""
     if status in ("interior", "single rate"):
         return f"; {status}"
+    if status == "flat":
+        return "; flat: every rate tried scored the same, so no rate is better and none was added"
     return f"; capped at the {status} after {extend} extensions"
 
 
