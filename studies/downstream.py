@@ -441,10 +441,13 @@ def table(
     model_params: int,
     args: argparse.Namespace,
     diffs: pd.DataFrame | None = None,
+    test_sizes: dict[str, int] | None = None,
 ) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
-    machine); a learning rate at either end of the rates its search tried is marked †. With
+    machine); a learning rate at either end of the rates its search tried is marked †, one from
+    a flat search (every rate scored the same) ‡. ``test_sizes``: test sentences per dataset,
+    said under its heading (and whether the split held fewer than --max-eval asks for). With
     ``diffs`` (:func:`comparisons`, not empty), each compared row's difference from LoRA with
     its interval and Holm-adjusted p, * where significant."""
     show = diffs is not None and not diffs.empty
@@ -459,8 +462,14 @@ def table(
             cells[d.dataset, "lora", int(d.lora_rank)] = "reference | —"
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
+        n_test = (test_sizes or {}).get(dataset)
+        if n_test is not None:
+            short = n_test < (args.max_eval or n_test)
+            said = f" (its whole test split: fewer than the {args.max_eval:,} asked for)" if short else ""
+            lines += [f"### {dataset}", "", f"Test set: {n_test:,} sentences{said}."]
+        else:
+            lines += [f"### {dataset}"]
         lines += [
-            f"### {dataset}",
             "",
             "| method | rank | compared at | trainable params | % of model | test accuracy "
             + ("| Δ vs LoRA [95 % CI] | p (Holm) " if show else "")
@@ -487,7 +496,8 @@ def table(
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
-            rate = "—" if pd.isna(r.lr) else f"{r.lr:g}" + ("" if r.lr_status == "interior" else "†")
+            mark = {"interior": "", "flat": "‡"}.get(r.lr_status, "†")
+            rate = "—" if pd.isna(r.lr) else f"{r.lr:g}{mark}"
             lines.append(
                 f"| {plots.label(r.variant)} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
@@ -511,6 +521,11 @@ def table(
         lines[-1] += (
             f" A search whose best rate was at an edge stepped past it, up to "
             f"{args.lr_extend} times; † marks the edge of the rates it tried."
+        )
+    if (df["lr_status"] == "flat").any():
+        lines.append(
+            "‡ every learning rate the search tried gave the same dev accuracy (a flat search), "
+            "so the lowest was kept and the search was not extended."
         )
     if show:
         n = diffs.groupby("dataset", sort=False).size()
@@ -664,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = reported(df, specs, args)
     diffs = comparisons(rows, references)
-    text = table(rows, roles, model_params, args, diffs)
+    sizes = {d: len(lr.tasks.get("text", **probe_options(args, d)).split("test")) for d in args.datasets}
+    text = table(rows, roles, model_params, args, diffs, sizes)
     print(text)
     return study.finish(
         args,

@@ -76,6 +76,7 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     assert "| VeRA | 384 | budget of LoRA r=2 (closest it can reach) |" in md
     assert "| linear probe | — | baseline |" in md
     assert "† the best of the searched learning rates (0.003) is at the edge" in md
+    assert "Test set: 48 sentences." in md  # --max-eval 48 of TREC's 538
     for ext in ("pdf", "png"):
         assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
     assert b"/FontFile2" in fig.with_suffix(".pdf").read_bytes()
@@ -267,3 +268,31 @@ def test_the_auto_grid_and_the_extension_are_what_the_table_says():
         "auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale). A search "
         "whose best rate was at an edge stepped past it, up to 2 times;"
     ) in md
+
+
+def test_the_table_says_each_test_set_size_and_marks_a_flat_search():
+    """A test split smaller than --max-eval asks for (TREC's 538 of 1,000) is said under its
+    heading; a flat search's rate is marked ‡ with its own footnote, not † (an edge)."""
+    ds = study()
+    args = ds.parse(["--max-eval", "1000"])
+    rows = pd.DataFrame(
+        {
+            "dataset": ["movies", "movies", "trec"],
+            "variant": ["lora", "lokr", "lora"],
+            "rank": [8, 8, 8],
+            "seed": 0,
+            "test_accuracy": 0.9,
+            "test_macro_f1": 0.5,
+            "trainable_params": 100,
+            "lr": [1e-2, 3e-3, 1e-2],
+            "lr_status": ["interior", "flat", "low edge"],
+            "seconds_per_epoch": 1.0,
+            "peak_mem_mb": 1.0,
+        }
+    )
+    md = ds.table(rows, {}, 10_000, args, test_sizes={"movies": 1000, "trec": 538})
+    assert "### movies\n\nTest set: 1,000 sentences.\n" in md
+    assert "### trec\n\nTest set: 538 sentences (its whole test split: fewer than the 1,000 asked for)." in md
+    assert "| 0.003‡ |" in md and "| 0.01† |" in md and "| 0.01 |" in md
+    assert "‡ every learning rate the search tried gave the same dev accuracy" in md
+    assert "‡" not in ds.table(rows[rows["lr_status"] != "flat"], {}, 10_000, args)
