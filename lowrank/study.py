@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import sensitivity
+from . import convergence, sensitivity
 from .adapters import OptionError, variant_class, variants
 from .arguments import (  # noqa: F401
     AUTO,
@@ -285,8 +285,10 @@ def finish(
     ``figure(rows, --figure, **options)``; for a tuned study, from ``lr_search`` (its whole
     results table, every rate tried) the learning-rate sensitivity figure ``<--figure>_lr``
     (:func:`lowrank.sensitivity.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
-    and the ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory
-    printed. Returns the exit code: 0, or 1 without ``rows`` (:func:`results` has said why)."""
+    when the runs evaluated dev during training, their dev curves ``<--figure>_curves``
+    (:func:`lowrank.convergence.curves_figure`, a panel per value of the ``row``); and the
+    ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory printed.
+    Returns the exit code: 0, or 1 without ``rows`` (:func:`results` has said why)."""
     if rows is None:
         return 1
     if report is not None:
@@ -301,6 +303,9 @@ def finish(
         print("note: no learning-rate search in the results to draw", file=sys.stderr)
     elif lr_search is not None:
         paths += sensitivity.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
+    if convergence.recorded(rows):
+        by = (lr_panels or {}).get("row", "task")
+        paths += convergence.curves_figure(rows, f"{args.figure}_curves", by=by)
     print(f"results: {args.out}")
     if table is not None:
         print(f"table: {args.table}")

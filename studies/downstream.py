@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank import arguments, plots, study
+from lowrank import arguments, convergence, plots, study
 from lowrank.stats import holm, paired_bootstrap
 from lowrank.sweep import (
     GROUP,
@@ -435,6 +435,34 @@ def searched(df: pd.DataFrame, specs: list[RunSpec], roles: dict) -> pd.DataFram
     ).explode("compared")
 
 
+def _test_set(dataset: str, test_sizes: dict[str, int] | None, args: argparse.Namespace) -> list[str]:
+    """The lines under a dataset's heading that say its test-set size (none if not known)."""
+    n = (test_sizes or {}).get(dataset)
+    if n is None:
+        return []
+    short = (
+        f" (its whole test split: fewer than the {args.max_eval:,} asked for)"
+        if n < (args.max_eval or n)
+        else ""
+    )
+    return ["", f"Test set: {n:,} sentences{short}."]
+
+
+def _convergence(curves: pd.DataFrame, args: argparse.Namespace) -> list[str]:
+    """The lines under a dataset's table with LoRA's mean dev curve at the first budget
+    (:func:`lowrank.convergence.mean_curves` of the dataset), if it was evaluated more than once."""
+    ref = curves[curves["variant"] == "lora"]
+    ref = ref[ref["rank"] == args.budgets[0]] if args.budgets else ref.iloc[:0]
+    if len(ref) < 2:
+        return []
+    by_step = ", ".join(f"{k} {m:.3f}" for k, m in zip(ref["step"], ref["mean"]))
+    return [
+        "",
+        f"Convergence: LoRA r={args.budgets[0]}'s dev accuracy by training step, mean over "
+        f"{ref['seeds'].max()} seeds: {by_step} (every row's curve: the `_curves` figure).",
+    ]
+
+
 def table(
     df: pd.DataFrame,
     roles: dict,
@@ -447,7 +475,8 @@ def table(
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
     machine); a learning rate at either end of the rates its search tried is marked †, one from
     a flat search (every rate scored the same) ‡. ``test_sizes``: test sentences per dataset,
-    said under its heading (and whether the split held fewer than --max-eval asks for). With
+    said under its heading (and whether the split held fewer than --max-eval asks for); when the
+    runs recorded dev curves, LoRA's at the first budget, mean over seeds, under its table. With
     ``diffs`` (:func:`comparisons`, not empty), each compared row's difference from LoRA with
     its interval and Holm-adjusted p, * where significant."""
     show = diffs is not None and not diffs.empty
@@ -460,15 +489,10 @@ def table(
                 f"{d.diff:+.1f} [{d.low:+.1f}, {d.high:+.1f}] | {p}{'*' if d.significant else ''}"
             )
             cells[d.dataset, "lora", int(d.lora_rank)] = "reference | —"
+    curves = convergence.mean_curves(df, "dataset")
     lines = []
     for dataset, sub in df.groupby("dataset", sort=False):
-        n_test = (test_sizes or {}).get(dataset)
-        if n_test is not None:
-            short = n_test < (args.max_eval or n_test)
-            said = f" (its whole test split: fewer than the {args.max_eval:,} asked for)" if short else ""
-            lines += [f"### {dataset}", "", f"Test set: {n_test:,} sentences{said}."]
-        else:
-            lines += [f"### {dataset}"]
+        lines += [f"### {dataset}", *_test_set(dataset, test_sizes, args)]
         lines += [
             "",
             "| method | rank | compared at | trainable params | % of model | test accuracy "
@@ -505,7 +529,7 @@ def table(
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |"
             )
-        lines.append("")
+        lines += [*_convergence(curves[curves["dataset"] == dataset], args), ""]
     if args.lr_grid == study.AUTO:
         lines.append(
             "† the best of the searched learning rates is at the edge of those tried "

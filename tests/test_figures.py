@@ -6,6 +6,7 @@ and a study's --out that is not a CSV is one sentence, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -308,3 +309,31 @@ def test_an_out_that_is_not_a_csv_is_one_sentence(name, tmp_path, capsys):
         f"error: --out {png} is not a .csv file: --out is the results CSV (e.g. results/{name}.csv), "
         "and the figure's path goes to --figure, without an extension" in err
     )
+
+
+def test_the_dev_curves_figure_is_one_a_reviewer_accepts(tmp_path, reviewed):
+    """Every variant's dev curve on two datasets, two of them at a second rank (the downstream
+    --paper run's 16 lines a panel): labelled, lettered, named by display name, no overlaps."""
+    from lowrank import convergence
+
+    rng = np.random.default_rng(0)
+    runs = [(v, None if v == "full" else 8) for v in lr.variants()] + [("vera", 384), ("loha", 4)]
+    rows = pd.DataFrame(
+        [
+            {
+                "dataset": d,
+                "variant": v,
+                "rank": r,
+                "seed": s,
+                "metric": "accuracy",
+                "dev_curve": json.dumps(
+                    [[k, float(0.9 - 0.3 / k**0.5 + 0.01 * rng.random())] for k in range(100, 700, 100)]
+                ),
+            }
+            for d in ("movies", "trec")
+            for v, r in runs
+            for s in range(3)
+        ]
+    )
+    convergence.curves_figure(rows, tmp_path / "downstream_curves", by="dataset")
+    assert reviewed == {"downstream_curves": []}
