@@ -11,70 +11,35 @@ so the comparison is on the nn.Linear part of PEFT's set.
 import copy
 
 import pytest
-import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from tinymodels import tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lowrank as lr
 
-
-def bert(cls):
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        num_labels=4,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    return cls(config)
-
-
-def llama():
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
-
-
-def gpt2():
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
-
-
 # (model, PEFT's extra LoraConfig options, lowrank's modules_to_save, nn.Linear targets expected)
 CASES = {
-    "BertModel": (lambda: bert(transformers.BertModel), {}, [], 13),  # pooler.dense included
+    "BertModel": (lambda: tiny_bert(transformers.BertModel), {}, [], 13),  # pooler.dense included
     "BertForSequenceClassification": (
-        lambda: bert(transformers.BertForSequenceClassification),
+        lambda: tiny_bert(transformers.BertForSequenceClassification),
         {},
         [],
         14,
     ),  # classifier too
     "BertForSequenceClassification+modules_to_save": (
-        lambda: bert(transformers.BertForSequenceClassification),
+        lambda: tiny_bert(transformers.BertForSequenceClassification),
         {"modules_to_save": ["classifier"]},
         ["classifier"],
         13,
     ),
     "BertForSequenceClassification+SEQ_CLS": (
-        lambda: bert(transformers.BertForSequenceClassification),
+        lambda: tiny_bert(transformers.BertForSequenceClassification),
         {"task_type": "SEQ_CLS"},
         ["classifier"],
         13,
     ),
-    "LlamaForCausalLM": (llama, {}, [], 14),  # 7 per layer, lm_head left out
+    "LlamaForCausalLM": (tiny_llama, {}, [], 14),  # 7 per layer, lm_head left out
 }
 
 
@@ -102,7 +67,7 @@ def test_all_linear_is_peft_set(case):
 
 
 def test_all_linear_on_gpt2_finds_no_linear_but_the_output_layer():
-    model = gpt2()
+    model = tiny_gpt2()
     theirs_linear, theirs = peft_linear_targets(model)
     print(f"\nGPT-2: PEFT {len(theirs)} targets (Conv1D), {len(theirs_linear)} nn.Linear")
     assert len(theirs) == 8 and not theirs_linear  # c_attn, c_proj, c_fc, c_proj per block
@@ -116,7 +81,7 @@ def test_all_linear_on_gpt2_finds_no_linear_but_the_output_layer():
 
 
 def test_tied_output_layer_is_left_out_under_every_name():
-    model = llama()
+    model = tiny_llama()
     model.extra_head = model.lm_head  # a second name for the output layer
     assert lr.find_targets(model, "all-linear") == [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not model.lm_head

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from studyutil import assert_figure, load_study, run_study
+from studyutil import RUN_COLUMNS, TUNED_FLAGS, assert_figure, load_study, run_study
 
 import lowrank as lr
 from lowrank.tasks.mnist import load_mnist
@@ -17,14 +17,7 @@ from lowrank.train import TrainConfig, seed_everything, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "continual.py"
-COLUMNS = {
-    "run_id",
-    "task",
-    "variant",
-    "rank",
-    "seed",
-    "lr",
-    "status",
+COLUMNS = RUN_COLUMNS | {
     "task_options",
     "test_accuracy",
     "test_old_accuracy",
@@ -83,17 +76,7 @@ def test_help_lists_the_options(capsys):
         study().parse(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for flag in (
-        "--quick",
-        "--plot-only",
-        "--out",
-        "--figure",
-        "--workers",
-        "--quiet",
-        "--lr-grid",
-        "--ranks",
-        "--task-options",
-    ):
+    for flag in (*TUNED_FLAGS, "--task-options"):
         assert flag in out
 
 

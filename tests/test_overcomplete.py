@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from adapter_cases import TinyNet, formula
 from peft import LoraConfig, get_peft_model
+from tinymodels import tiny_bert
 from torch import nn
 
 import lowrank as lr
@@ -118,21 +118,8 @@ def test_check_rank_is_a_classmethod_of_the_options():
 # ----------------------------------------------------------------------------- against PEFT
 
 
-def tiny_bert_classifier():
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        num_labels=4,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).double().eval()
-
-
 def test_all_linear_at_rank_8_adapts_the_4x64_classifier_as_peft_does(tmp_path):
-    base = tiny_bert_classifier()
+    base = tiny_bert().double()
     config = LoraConfig(target_modules="all-linear", r=R, lora_alpha=16, init_lora_weights=False)
     theirs = get_peft_model(copy.deepcopy(base), config).eval()  # random A and B: ΔW ≠ 0
     assert "classifier" in theirs.targeted_module_names

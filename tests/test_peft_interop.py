@@ -20,6 +20,7 @@ from adapter_cases import cases, perturb, pretrained_linear
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors.torch import load_file
+from tinymodels import tiny_bert
 from torch import nn
 
 import lowrank as lr
@@ -236,25 +237,8 @@ def test_b_a_family_exports_as_peft_lora_on_the_unmodified_base(tmp_path, varian
 
 
 # ----------------------------------------------------------------------------- SEQ_CLS on BERT
-BERT = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-    num_labels=4,
-    vocab_size=100,
-)
 IDS = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(4))
 MASK = torch.ones_like(IDS).index_fill_(1, torch.tensor([7, 8]), 0)
-
-
-def bert():
-    """A tiny randomly initialised BertForSequenceClassification (seeded, eval mode)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(**BERT)).eval()
 
 
 def logits(model):
@@ -267,7 +251,7 @@ def test_peft_seq_cls_adapter_loads_with_its_trained_head(tmp_path):
     PEFT skips and so does from_peft, while the trained classifier comes along. Logits agree to
     1e-5: the LoRA branch is summed in another order than PEFT's (a few float32 roundings,
     ~1e-7 relative, through two layers of O(1) activations)."""
-    base = bert()
+    base = tiny_bert()
     theirs = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=ALPHA, target_modules=["query", "value"]),
@@ -286,7 +270,7 @@ def test_peft_seq_cls_adapter_loads_with_its_trained_head(tmp_path):
 
 
 def test_lowrank_adapter_with_a_trained_classifier_loads_into_peft(tmp_path):
-    base = bert()
+    base = tiny_bert()
     ours = lr.inject(
         copy.deepcopy(base),
         "lora",
@@ -309,7 +293,7 @@ def test_lowrank_adapter_with_a_trained_classifier_loads_into_peft(tmp_path):
 def test_inject_keeps_a_strict_modules_to_save():
     """Only PEFT files get PEFT's skipping: a name the user typed must match a module."""
     with pytest.raises(ValueError, match=r"modules_to_save entry 'score' matches no module"):
-        lr.inject(bert(), "lora", targets=["query"], modules_to_save=["classifier", "score"])
+        lr.inject(tiny_bert(), "lora", targets=["query"], modules_to_save=["classifier", "score"])
 
 
 def test_to_peft_refuses_overwrite_and_what_peft_cannot_hold(tmp_path):

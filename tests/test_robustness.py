@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from studyutil import load_study, run_study
+from studyutil import RUN_COLUMNS, TUNED_FLAGS, load_study, run_study
 
 from lowrank.sweep import RunSpec, run_one
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "studies" / "robustness.py"
-COLUMNS = {
-    "run_id",
-    "task",
-    "variant",
-    "rank",
-    "seed",
-    "lr",
-    "status",
+COLUMNS = RUN_COLUMNS | {
     "adversarial",
     "adv_eps",
     "adv_weight",
@@ -119,18 +112,7 @@ def test_at_zero_radius_every_robust_accuracy_is_the_clean_one():
 def test_help_lists_the_options():
     res = study("--help")
     assert res.returncode == 0
-    for flag in (
-        "--quick",
-        "--plot-only",
-        "--out",
-        "--figure",
-        "--workers",
-        "--quiet",
-        "--eps",
-        "--modes",
-        "--lr-grid",
-        "--ranks",
-    ):
+    for flag in (*TUNED_FLAGS, "--eps", "--modes"):
         assert flag in res.stdout
 
 

@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from studyutil import assert_figure, run_study
+from studyutil import RUN_COLUMNS, assert_figure, run_study
 
 import lowrank as lr
 from lowrank.sweep import RunSpec, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = {
-    "run_id",
-    "task",
-    "variant",
-    "rank",
-    "seed",
-    "lr",
-    "status",
+COLUMNS = RUN_COLUMNS | {
     "trainable_params",
     "train_seconds",
     "peak_mem_mb",

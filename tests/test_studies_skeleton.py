@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from studyutil import load_study
+from studyutil import load_study, stand_in_row
 
 import lowrank as lr
 from lowrank import ablation, plots, sensitivity, study
@@ -305,29 +305,12 @@ def test_every_tuned_study_searches_the_auto_grid_with_extensions_by_default(nam
 def test_the_ablation_searches_auto_grids_and_follows_an_optimum_past_them(tmp_path, monkeypatch):
     """A stand-in run whose dev accuracy peaks at lr 1 for every variant: lora's auto grid on the
     synthetic task (9.5e-3 … 9.5e-2) has it past its top edge, full's (2.8e-4 … 2.8e-3) far past."""
-    import json
     import math
 
     import lowrank.sweep.results as results
 
     def run(spec):
-        dev = -abs(math.log10(spec.lr))
-        return {
-            "run_id": spec.run_id,
-            "group_id": spec.group_id,
-            "task": spec.task,
-            "variant": spec.variant,
-            "rank": spec.rank,
-            "seed": spec.seed,
-            "lr": spec.lr,
-            "status": "ok",
-            "metric": "accuracy",
-            "higher_is_better": True,
-            "task_options": json.dumps(spec.task_options),
-            "variant_options": "{}",
-            "dev_accuracy": dev,
-            "test_accuracy": dev,
-        }
+        return stand_in_row(spec, -abs(math.log10(spec.lr)))
 
     monkeypatch.setattr(results, "run_one", run)
     rows = ablation.run_ablation(

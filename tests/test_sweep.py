@@ -1,14 +1,13 @@
 """Sweeps: one row per run, atomic writes, resume after a crash, executors, lr selection."""
 
-import json
 import re
 
 import pandas as pd
 import pytest
+from studyutil import stand_in_row
 
 from lowrank import sweep as sw
 from lowrank.sweep import RunSpec, best_lr, read_results, sweep, tuned_sweep
-from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
 
 TRAIN = {"steps": 5, "batch_size": 32}
 
@@ -16,22 +15,7 @@ TRAIN = {"steps": 5, "batch_size": 32}
 def fake_row(spec: RunSpec) -> dict:
     """A deterministic stand-in for a training run: dev metric peaks at lr = 1e-2."""
     score = -abs(__import__("math").log10(spec.lr) + 2) + 0.01 * (spec.rank or 0)
-    return {
-        sw.KEY: spec.run_id,
-        "task": spec.task,
-        "variant": spec.variant,
-        "rank": spec.rank,
-        "seed": spec.seed,
-        "lr": spec.lr,
-        "status": "ok",
-        "metric": "accuracy",
-        "higher_is_better": True,
-        "task_options": json.dumps(spec.task_options),
-        "variant_options": json.dumps(spec.variant_options),
-        "dev_accuracy": score,
-        "test_accuracy": score + spec.seed,
-        COLUMN: code_fingerprint(),
-    }
+    return stand_in_row(spec, score, test_accuracy=score + spec.seed)
 
 
 def grid(n_ranks=3):
