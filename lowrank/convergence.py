@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import plots  # plots.save by attribute, so one patch of it sees every figure
 from .plots import label, legend_below, letter_panels, metric_label, panels, style_for
+from .sweep import chosen_on
 
 KEYS = ["variant", "rank"]
 
@@ -55,7 +56,7 @@ def curves_figure(rows: pd.DataFrame, stem: str | os.PathLike, by: str = "task")
     curves = mean_curves(rows, by)
     if curves.empty:
         raise ValueError("no run recorded a dev curve; run with --eval-every to draw one")
-    on = rows["selection_metric"].fillna(rows["metric"]) if "selection_metric" in rows else rows["metric"]
+    on = chosen_on(rows)
     metric = metric_label(on.dropna().iloc[0]).removeprefix("test ")
     keys = list(dict.fromkeys(curves[by]))
     styles = style_for(curves["variant"].unique())

@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import plots  # plots.save by attribute, so one patch of it sees every figure
 from .plots import label, legend_below, letter_panels, metric_label, panels, style_for
-from .sweep import best_lr, groups
+from .sweep import best_lr, chosen_on, groups
 
 LOG_METRICS = {"delta_error", "mse", "rel_mse", "perplexity", "bits_per_char"}  # drawn on log y
 
@@ -41,7 +41,7 @@ def lr_sensitivity(
         raise ValueError(f"no runs at the search seed {search_seed} to draw; run the sweep first")
     runs = runs.assign(group=groups)
     chosen = best_lr(df[df["lr"].notna()], search_seed).set_index("group")["lr"]
-    on = runs["selection_metric"].fillna(runs["metric"]) if "selection_metric" in runs else runs["metric"]
+    on = chosen_on(runs)
     records = runs.to_dict("records")
     runs = runs.assign(
         _on=on.to_numpy(),

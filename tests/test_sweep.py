@@ -187,6 +187,12 @@ def test_selection_metric_overrides_the_headline_metric():
     assert best_lr(pd.DataFrame(rows))["lr"].tolist() == [1e-3]
 
 
+def test_chosen_on_is_the_selection_metric_with_the_headline_one_for_older_rows():
+    mixed = pd.DataFrame({"metric": ["delta_error", "accuracy"], "selection_metric": ["mse", None]})
+    assert sw.chosen_on(mixed).tolist() == ["mse", "accuracy"]
+    assert sw.chosen_on(mixed.drop(columns="selection_metric")).tolist() == ["delta_error", "accuracy"]
+
+
 def test_training_configurations_of_one_variant_get_their_own_learning_rate(tmp_path, monkeypatch):
     """Two training configs of the same (task, variant, rank) in one CSV: two searches, and
     neither un-marks the other's reported rows."""

@@ -30,13 +30,18 @@ def groups(df: pd.DataFrame) -> pd.Series:
     return df[GROUP].fillna(legacy) if GROUP in df else legacy
 
 
+def chosen_on(df: pd.DataFrame) -> pd.Series:
+    """The metric each row's learning rate is chosen on: its ``selection_metric``, or for a row
+    without one (written before that column existed), its headline ``metric``."""
+    return df["selection_metric"].fillna(df["metric"]) if "selection_metric" in df else df["metric"]
+
+
 def _scored(df: pd.DataFrame, search_seed: int) -> pd.DataFrame:
     """The rows at ``search_seed`` with ``group`` (:func:`groups`) and ``_score``: the dev
     ``selection_metric`` (default: the headline metric) signed so lower is better; diverged runs
     score +inf (worst)."""
     df = df[df["seed"] == search_seed].assign(group=groups)
-    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
-    metric = "dev_" + chosen_on.fillna(df["metric"])
+    metric = "dev_" + chosen_on(df)
     dev = [row.get(m, float("nan")) for row, m in zip(df.to_dict("records"), metric)]
     sign = df["higher_is_better"].map({True: -1.0, False: 1.0, "True": -1.0, "False": 1.0})
     return df.assign(_score=(pd.Series(dev, index=df.index, dtype=float) * sign).fillna(float("inf")))
@@ -147,14 +152,13 @@ def tuned_sweep(
     selected = df[KEY].isin({s.run_id for s in final})
     earlier = df["lr_selected"].fillna(False).astype(bool) if "lr_selected" in df else False
     df["lr_selected"] = selected | (earlier & ~df[GROUP].isin(grids))
-    chosen_on = df["selection_metric"] if "selection_metric" in df else df["metric"]
     if "lr_selection" not in df:
         df["lr_selection"] = None
     df["lr_selection"] = df["lr_selection"].astype(object).where(df["lr_selected"], None)
     df.loc[selected, "lr_selection"] = [
         f"best dev {m} of lr {'/'.join(f'{x:g}' for x in grids[g])} at seed {seeds[0]}, "
         f"reused for the other seeds{_verdict(status.at[g, 'status'], extend)}"
-        for m, g in zip(chosen_on[selected], df.loc[selected, GROUP])
+        for m, g in zip(chosen_on(df)[selected], df.loc[selected, GROUP])
     ]
     write_atomic(df, out)
     return df[selected].copy()
