@@ -60,15 +60,15 @@ def curves_figure(rows: pd.DataFrame, stem: str | os.PathLike, by: str = "task")
     metric = metric_label(on.dropna().iloc[0]).removeprefix("test ")
     keys = list(dict.fromkeys(curves[by]))
     styles = style_for(curves["variant"].unique())
+    # a (variant, rank)'s name and line style hold across panels, so the shared legend is true of
+    # every panel: a variant's first rank in the figure is solid, its next dashed, then dotted
+    names = {v: list(dict.fromkeys(label(v, r) for r in c["rank"])) for v, c in curves.groupby("variant")}
     with panels(len(keys), 1, 2.4 * len(keys) + 0.8) as (fig, axes):
         for ax, key in zip(axes.flat, keys):
             mine = curves[curves[by] == key]
-            ranks = mine.groupby("variant")["rank"].nunique(dropna=False)
-            drawn: dict[str, int] = {}  # lines so far per variant: its next rank is dashed, then dotted
             for (variant, rank), c in mine.groupby(KEYS, sort=False, dropna=False):
-                st, k = styles[variant], drawn.get(variant, 0)
-                drawn[variant] = k + 1
-                name = label(variant) if ranks[variant] == 1 else label(variant, rank)
+                st, k = styles[variant], names[variant].index(label(variant, rank))
+                name = label(variant) if len(names[variant]) == 1 else label(variant, rank)
                 ax.plot(
                     c["step"],
                     c["mean"],

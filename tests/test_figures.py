@@ -337,3 +337,38 @@ def test_the_dev_curves_figure_is_one_a_reviewer_accepts(tmp_path, reviewed):
     )
     convergence.curves_figure(rows, tmp_path / "downstream_curves", by="dataset")
     assert reviewed == {"downstream_curves": []}
+
+
+def test_a_curve_keeps_its_name_and_line_style_in_every_panel(tmp_path, monkeypatch):
+    """LoHa at r=4 and r=8 on one dataset and only at r=8 on the other (a run in progress): the
+    r=8 line is dashed and named "LoHa r=8" in both panels, so the shared legend has one entry
+    per (variant, rank), each true of every panel it appears in."""
+    from lowrank import convergence
+
+    runs = {"movies": [("loha", 4), ("loha", 8), ("lora", 8)], "trec": [("loha", 8), ("lora", 8)]}
+    rows = pd.DataFrame(
+        [
+            {"dataset": d, "variant": v, "rank": r, "seed": 0, "metric": "accuracy"}
+            | {"dev_curve": json.dumps([[100, 0.8], [200, 0.85]])}
+            for d, rs in runs.items()
+            for v, r in rs
+        ]
+    )
+    seen = {}
+    monkeypatch.setattr(plots, "save", lambda fig, stem: seen.setdefault("fig", fig) and [])
+    convergence.curves_figure(rows, tmp_path / "curves", by="dataset")
+    fig = seen["fig"]
+    entries = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert entries.count("LoHa r=8") == 1 and "LoHa" not in entries
+    styles = {
+        (ax.get_ylabel().split(":")[0], line.get_label()): line.get_linestyle()
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
+    assert styles == {
+        ("movies", "LoHa r=4"): "-",
+        ("movies", "LoHa r=8"): "--",
+        ("movies", "LoRA"): "-",
+        ("trec", "LoHa r=8"): "--",
+        ("trec", "LoRA"): "-",
+    }
