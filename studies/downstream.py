@@ -473,12 +473,13 @@ def table(
 ) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
-    machine); a learning rate at either end of the rates its search tried is marked †, one from
-    a flat search (every rate scored the same) ‡. ``test_sizes``: test sentences per dataset,
-    said under its heading (and whether the split held fewer than --max-eval asks for); when the
-    runs recorded dev curves, LoRA's at the first budget, mean over seeds, under its table. With
-    ``diffs`` (:func:`comparisons`, not empty), each compared row's difference from LoRA with
-    its interval and Holm-adjusted p, * where significant."""
+    machine); learning rates to two significant figures, one at either end of the rates its
+    search tried marked †, one from a flat search (every rate scored the same) ‡.
+    ``test_sizes``: test sentences per dataset, said under its heading (and whether the split held
+    fewer than --max-eval asks for); when the runs recorded dev curves, LoRA's at the first
+    budget, mean over seeds, under its table. With ``diffs`` (:func:`comparisons`, not empty),
+    each compared row's difference from LoRA with its interval and Holm-adjusted p, * where
+    significant."""
     show = diffs is not None and not diffs.empty
     cells: dict[tuple, str] = {}
     if show:
@@ -521,7 +522,7 @@ def table(
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
             mark = {"interior": "", "flat": "‡"}.get(r.lr_status, "†")
-            rate = "—" if pd.isna(r.lr) else f"{r.lr:g}{mark}"
+            rate = "—" if pd.isna(r.lr) else f"{r.lr:.2g}{mark}"
             lines.append(
                 f"| {plots.label(r.variant)} | {rank or '—'} | {role} | {int(r.params):,} | "
                 f"{100 * r.params / model_params:.3f} | {r.acc:.3f} ± {np.nan_to_num(r.acc_sd):.3f} | "
