@@ -41,7 +41,7 @@ from .arguments import (  # noqa: F401
     variant,
 )
 from .files import atomic_path
-from .sweep import KEY, RunSpec, saved_results, tuned_rows, tuned_sweep, write_atomic
+from .sweep import KEY, RunSpec, saved_results, search_summary, tuned_rows, tuned_sweep, write_atomic
 from .sweep.fingerprint import COLUMN, code_fingerprint
 
 RESULTS, FIGURES = "results", "paper_figures"  # the folders of every study's CSV and figure
@@ -284,7 +284,8 @@ def finish(
     (with ``write``; atomically) and the markdown ``table`` to ``args.table``, the figure
     ``figure(rows, --figure, **options)``; for a tuned study, from ``lr_search`` (its whole
     results table, every rate tried) the learning-rate sensitivity figure ``<--figure>_lr``
-    (:func:`lowrank.sensitivity.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``);
+    (:func:`lowrank.sensitivity.lr_sensitivity`, panels by ``lr_panels``: its ``row`` and ``col``)
+    and where each choice sits among the rates it tried (:func:`lowrank.sweep.search_summary`);
     when the runs evaluated dev during training, their dev curves ``<--figure>_curves``
     (:func:`lowrank.convergence.curves_figure`, a panel per value of the ``row``); and the
     ``results:``, ``table:`` and ``figure:`` lines, the elapsed time and the peak memory printed.
@@ -303,6 +304,7 @@ def finish(
         print("note: no learning-rate search in the results to draw", file=sys.stderr)
     elif lr_search is not None:
         paths += sensitivity.lr_sensitivity(lr_search, f"{args.figure}_lr", **(lr_panels or {}))
+        print(search_summary(lr_search))
     if convergence.recorded(rows):
         by = (lr_panels or {}).get("row", "task")
         paths += convergence.curves_figure(rows, f"{args.figure}_curves", by=by)

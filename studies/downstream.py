@@ -58,6 +58,7 @@ from lowrank.sweep import (
     read_results,
     saved_results,
     search_status,
+    search_summary,
     tuned_rows,
     write_atomic,
 )
@@ -705,19 +706,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = reported(df, specs, args)
     diffs = comparisons(rows, references)
     sizes = {d: len(lr.tasks.get("text", **probe_options(args, d)).split("test")) for d in args.datasets}
+    searches = searched(df, specs, roles)
     text = table(rows, roles, model_params, args, diffs, sizes)
-    print(text)
+    print(text)  # finish prints the search summary after it
     return study.finish(
         args,
         figure,
         rows,
         diffs=diffs,
-        lr_search=searched(df, specs, roles),
+        lr_search=searches,
         lr_panels={"row": "dataset", "col": "compared"},
         table=(
             f"# Downstream accuracy (all-MiniLM-L6, {model_params:,} encoder parameters)\n\n"
             f"From `{args.out.name}`; mean ± std over seeds, each variant at its own "
-            "dev-tuned learning rate; s / epoch is the median over seeds.\n\n" + text
+            "dev-tuned learning rate; s / epoch is the median over seeds.\n\n"
+            f"{text}\n\n{search_summary(searches)}.\n"
         ),
     )
 

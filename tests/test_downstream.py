@@ -77,6 +77,13 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     assert "| linear probe | — | baseline |" in md
     assert "† the best of the searched learning rates (0.003) is at the edge" in md
     assert "Test set: 48 sentences." in md  # --max-eval 48 of TREC's 538
+    # where every choice sits among the rates tried, under the table and once in the output
+    summary = re.search(r"\n\n(\d+ learning-rate choices: .*)\.\n$", md)
+    assert summary and res.stdout.count(summary[1]) == 1
+    assert re.fullmatch(
+        r"(\d+) learning-rate choices: \1 with a single rate; \1 search runs at seed 0, 1 rate each",
+        summary[1],
+    )
     for ext in ("pdf", "png"):
         assert fig.with_suffix(f".{ext}").stat().st_size > 10_000
     assert b"/FontFile2" in fig.with_suffix(".pdf").read_bytes()

@@ -359,3 +359,34 @@ def test_without_extension_the_grid_and_its_wording_are_as_before(tmp_path, monk
     ]
     with pytest.raises(ValueError, match="extend=-1"):
         tuned_sweep(grid(1), [1e-2], [0], out, extend=-1, progress=False)
+
+
+def test_the_search_summary_counts_where_each_choice_sits_and_what_it_cost():
+    """Four searches (interior at 3 rates, interior at 5, at the low edge, flat), a second seed
+    and a probe without a learning rate: only the seed-0 runs with a rate count."""
+    dev = {
+        "a": {1e-3: 0.5, 1e-2: 0.9, 1e-1: 0.4},
+        "b": {1e-4: 0.1, 1e-3: 0.5, 1e-2: 0.6, 1e-1: 0.9, 1.0: 0.3},
+        "c": {1e-3: 0.9, 1e-2: 0.8, 1e-1: 0.2},
+        "d": {1e-3: 0.7, 1e-2: 0.7, 1e-1: 0.7},
+    }
+    base = {"task": "text", "rank": 8, "task_options": "{}", "variant_options": "{}", "metric": "accuracy"}
+    rows = [
+        base
+        | {"group_id": g, "variant": g, "seed": 0, "lr": lr, "dev_accuracy": acc, "higher_is_better": True}
+        for g, scores in dev.items()
+        for lr, acc in scores.items()
+    ]
+    rows += [base | {"group_id": "a", "variant": "a", "seed": 1, "lr": 1e-2, "dev_accuracy": 0.8}]
+    rows += [base | {"group_id": None, "variant": "probe", "seed": 0, "lr": None, "dev_accuracy": 0.6}]
+    df = pd.DataFrame(rows).assign(higher_is_better=True)
+    assert sw.search_summary(df) == (
+        "4 learning-rate choices: 2 interior, 1 at the low edge, 1 flat; "
+        "14 search runs at seed 0, 3–5 rates each"
+    )
+    assert sw.search_summary(df[df["group_id"] == "a"]) == (
+        "1 learning-rate choice: 1 interior; 3 search runs at seed 0, 3 rates each"
+    )
+    assert sw.search_summary(df[df["seed"] == 1], search_seed=0) == "no learning-rate search at seed 0"
+    twice = pd.concat([df, df]).assign(run_id=lambda d: [f"r{i % len(df)}" for i in range(len(d))])
+    assert sw.search_summary(twice) == sw.search_summary(df)  # a run listed twice counts once

@@ -20,7 +20,17 @@ from .executors import execute
 from .results import read_results, saved_results, sweep, write_atomic
 from .run import MEASURES, ROBUST_PGD_STEPS, decode_correct, encode_correct, run_one, training_hooks
 from .spec import GROUP, KEY, RunSpec, provenance
-from .tuning import LEGACY_GROUP, best_lr, chosen_on, groups, log_grid, search_status, tuned_rows, tuned_sweep
+from .tuning import (
+    LEGACY_GROUP,
+    best_lr,
+    chosen_on,
+    groups,
+    log_grid,
+    search_status,
+    search_summary,
+    tuned_rows,
+    tuned_sweep,
+)
 
 __all__ = [
     "GROUP",
@@ -41,6 +51,7 @@ __all__ = [
     "run_one",
     "saved_results",
     "search_status",
+    "search_summary",
     "sweep",
     "training_hooks",
     "tuned_rows",

@@ -85,6 +85,34 @@ def search_status(df: pd.DataFrame, search_seed: int = 0) -> pd.DataFrame:
     return chosen
 
 
+def search_summary(df: pd.DataFrame, search_seed: int = 0) -> str:
+    """One line on every search in ``df`` (:func:`search_status`): how many choices there are,
+    how many sit where among the rates they tried, and how many runs and rates that took, e.g.
+    ``"32 learning-rate choices: 30 interior, 2 at the low edge; 118 search runs at seed 0, 3–5
+    rates each"``."""
+    df = df[df["lr"].notna()]  # a baseline fitted without one (a linear probe) searched nothing
+    df = df.drop_duplicates(KEY) if KEY in df else df  # a run drawn in two panels is one run
+    status = search_status(df, search_seed)
+    if status.empty:
+        return f"no learning-rate search at seed {search_seed}"
+    said = {
+        "interior": "interior",
+        "low edge": "at the low edge",
+        "high edge": "at the high edge",
+        "flat": "flat",
+        "single rate": "with a single rate",
+    }
+    counts = status["status"].value_counts()
+    parts = [f"{counts[k]} {text}" for k, text in said.items() if k in counts]
+    n = status["tried"].map(len)
+    rates = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
+    runs = int((df["seed"] == search_seed).sum())
+    return (
+        f"{len(status)} learning-rate choice{'s' * (len(status) != 1)}: {', '.join(parts)}; "
+        f"{runs} search runs at seed {search_seed}, {rates} rate{'s' * (rates != '1')} each"
+    )
+
+
 def _where(lr: float, rates: Sequence[float]) -> str:
     if len(rates) == 1:
         return "single rate"
