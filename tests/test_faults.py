@@ -21,16 +21,19 @@ ARGS = [
     "2",
     "4",
     "--seeds",
-    "2",
+    "3",
     "--lr-grid",
     "1e-2",
     "--steps",
-    "200",
+    "2000",
     "--workers",
     "2",
     "--quiet",
 ]
-N_RUNS = 3 * 2
+N_RUNS = 3 * 3
+# A run takes 1.5–3.5 s (measured on 2 busy cores), so the sweep is still running seconds after the rows a
+# test waits for: at 200 steps (0.2–0.6 s a run) a signal sent by a poll loop starved on busy
+# cores once arrived after the study had finished.
 
 
 def start(out: Path) -> subprocess.Popen:
@@ -98,6 +101,7 @@ def test_sigint_to_the_parent_then_resume(tmp_path):
     out = tmp_path / "r.csv"
     proc = start(out)
     wait_for_rows(out, proc, 2)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
