@@ -565,7 +565,8 @@ def table(
             "\nΔ vs LoRA: test accuracy minus LoRA's at the budget the row is compared at"
             + "".join(f" ({plots.label(v)}: LoRA r={b})" for v, b in full.itertuples(index=False))
             + ", in points, mean over the seeds both ran (paired by seed) and the test examples; "
-            f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates); "
+            f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates), "
+            "so it measures the test sample; the training runs' own spread is the ± std over seeds; "
             f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}."
         )
     return "\n".join(lines)
