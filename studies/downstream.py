@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +45,17 @@ import torch
 from torch import nn
 
 import lowrank as lr
-from lowrank import arguments, convergence, plots, study
+from lowrank import arguments, convergence, plots, probe, study
 from lowrank.stats import holm, paired_bootstrap
 from lowrank.sweep import (
     GROUP,
-    KEY,
     RunSpec,
     decode_correct,
-    provenance,
-    read_results,
     saved_results,
     search_status,
     search_summary,
     tuned_rows,
-    write_atomic,
 )
-from lowrank.sweep.fingerprint import COLUMN, code_fingerprint
-from lowrank.train import PeakMemory
 
 ADAPTER_TARGETS = ["query", "value"]
 DEFAULTS = {
@@ -109,7 +101,6 @@ PRESETS = {
         },
     ),
 }
-PROBE_C = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -259,90 +250,9 @@ def plan(args: argparse.Namespace) -> tuple[list[RunSpec], dict, int, dict]:
     return specs, {k: "; ".join(v) for k, v in roles.items()}, model_params, references
 
 
-@torch.no_grad()
-def sentence_embeddings(task, split: str) -> np.ndarray:
-    """Mean-pooled token states of the frozen encoder, as the classifier head reads them."""
-    model = task.pretrained().eval()
-    ids, mask, _ = task.split(split).tensors
-    out = []
-    for i in range(0, len(ids), 256):
-        n = int(mask[i : i + 256].sum(1).max())
-        m = mask[i : i + 256, :n]
-        h = model.encoder(input_ids=ids[i : i + 256, :n], attention_mask=m).last_hidden_state
-        w = m.unsqueeze(-1).to(h.dtype)
-        out.append(((h * w).sum(1) / w.sum(1).clamp_min(1e-9)).numpy())
-    return np.concatenate(out)
-
-
 def probe_options(args: argparse.Namespace, dataset: str) -> dict:
     """The text task's options for the linear probe (no adapters, hence no targets)."""
     return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval}
-
-
-def probe_id(options: dict) -> str:
-    return hashlib.sha1(json.dumps({"probe": options, "C": PROBE_C}, sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
-
-
-def probe_row(args: argparse.Namespace, dataset: str) -> dict:
-    """The linear-probe baseline: logistic regression on frozen embeddings, C chosen on dev."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-
-    options = probe_options(args, dataset)
-    task = lr.tasks.get("text", **options)
-    start = time.perf_counter()
-    with PeakMemory() as mem:
-        x = {s: sentence_embeddings(task, s) for s in ("train", "dev", "test")}
-        y = {s: task.split(s).tensors[2].numpy() for s in x}
-        fits = {c: LogisticRegression(C=c, max_iter=5000).fit(x["train"], y["train"]) for c in PROBE_C}
-        c = max(PROBE_C, key=lambda c: (fits[c].score(x["dev"], y["dev"]), -c))
-    pred = {s: fits[c].predict(x[s]) for s in ("dev", "test")}
-    metrics = {
-        f"{s}_{k}": v
-        for s in pred
-        for k, v in (
-            ("accuracy", float((pred[s] == y[s]).mean())),
-            ("macro_f1", float(f1_score(y[s], pred[s], average="macro"))),
-        )
-    }
-    return {
-        KEY: probe_id(options),
-        "task": "text",
-        "variant": "probe",
-        "rank": None,
-        "seed": 0,
-        "lr": None,
-        "task_options": json.dumps(options, sort_keys=True),
-        "metric": "accuracy",
-        "higher_is_better": True,
-        "status": "ok",
-        "lr_selected": True,
-        "lr_selection": f"C of {'/'.join(map(str, PROBE_C))} with the best dev accuracy: {c:g}",
-        "trainable_params": int(fits[c].coef_.size + fits[c].intercept_.size),
-        "train_seconds": round(time.perf_counter() - start, 4),
-        "peak_mem_mb": mem.peak,
-        "threads": torch.get_num_threads(),
-        **provenance(),
-        **metrics,
-        COLUMN: code_fingerprint(__file__),
-    }
-
-
-def add_probes(args: argparse.Namespace) -> None:
-    """Fit the probe of every dataset that the CSV holds no row of made by this code (this script
-    and the run code: :func:`code_fingerprint`), and put its row in place of any older one."""
-    if args.no_probe:
-        return
-    current = code_fingerprint(__file__)
-    for dataset in args.datasets:
-        df, key = read_results(args.out), probe_id(probe_options(args, dataset))
-        held = df[df[KEY] == key] if not df.empty else df
-        if not held.empty and COLUMN in held and (held[COLUMN] == current).all():
-            continue
-        rest = df[df[KEY] != key] if not df.empty else df
-        write_atomic(pd.concat([rest, pd.DataFrame([probe_row(args, dataset)])], ignore_index=True), args.out)
 
 
 def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
@@ -599,13 +509,13 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None
                 )
                 .reset_index()
             )
-            probe = s[s["variant"] == "probe"]
+            baseline = s[s["variant"] == "probe"]
             runs = s[s["variant"] != "probe"]
             for ax, col, xlabel, title in (
                 (row[0], "params", "trainable parameters", "accuracy by trainable parameters"),
                 (row[1], "mem", "peak memory of the run (MiB)", "accuracy by peak memory"),
             ):
-                for _, p in probe.iterrows():
+                for _, p in baseline.iterrows():
                     plots.reference(ax, p["mean"], label=plots.label("probe"), color="0.4")
                 for _, r in runs.iterrows():
                     ax.errorbar(
@@ -698,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> pd.DataFrame:  # the table needs every row of the CSV, probes included
         study.tuned(args, specs, grid=lambda s: lr_grid(args, s.variant))
-        add_probes(args)
+        if not args.no_probe:
+            probe.add_probes(args.out, [probe_options(args, d) for d in args.datasets])
         return saved_results(args.out)
 
     df = study.results(args, run)

@@ -37,6 +37,9 @@ FIGURES = [
 OPTIONAL = {("downstream", "--paper")}
 # CSVs a study resumes from besides the one it draws (checked by --check, not drawn)
 RESUMED = [("spectra", [], "results/spectra_runs.csv")]
+# the lowrank module (beside the run code) that makes the rows a study computes itself, where
+# that is not the study's script: the downstream study's linear probes
+OWN_ROWS = {"downstream": "probe"}
 
 
 def load(name: str):
@@ -49,7 +52,8 @@ def load(name: str):
 
 def check(names: list[str]) -> int:
     """Print, per results CSV of ``names``, how many of its rows the code at hand did not make
-    (:func:`lowrank.sweep.fingerprint.stale`); 1 if any, else 0."""
+    (:func:`lowrank.sweep.fingerprint.stale`: neither the run code nor, for the rows a study
+    computes itself, its script or the module :data:`OWN_ROWS` names); 1 if any, else 0."""
     from lowrank.sweep.fingerprint import code_fingerprint, stale
     from lowrank.sweep.results import read_results
 
@@ -59,7 +63,12 @@ def check(names: list[str]) -> int:
         path = ROOT.parent / csv
         if name in names and path.exists():
             df = read_results(path, key=None)
-            n = int(stale(df, ROOT / f"{name}.py").sum())
+            own = (
+                importlib.import_module(f"lowrank.{OWN_ROWS[name]}").__file__
+                if name in OWN_ROWS
+                else ROOT / f"{name}.py"
+            )
+            n = int(stale(df, own).sum())
             bad += n
             rerun = " ".join([f"studies/{name}.py", *extra])
             print(f"{csv}: {n} of {len(df)} rows made by other code" + (f"; re-run {rerun}" if n else ""))

@@ -149,7 +149,20 @@ def test_make_figures_check_names_each_csv_with_rows_of_other_code(tmp_path, mon
     pd.DataFrame({"run_id": ["a"], COLUMN: [code_fingerprint()]}).to_csv(
         tmp_path / "results" / "continual.csv", index=False
     )
+    # the downstream study's own rows (its probes) carry lowrank.probe's fingerprint, not its script's
+    from lowrank import probe
+
+    made = [code_fingerprint(), probe.fingerprint()]
+    downstream = tmp_path / "results" / "downstream.csv"
+    pd.DataFrame({"run_id": ["a", "p"], COLUMN: made}).to_csv(downstream, index=False)
     monkeypatch.setattr(mf, "ROOT", tmp_path / "studies")
+    assert mf.main(["--check", "--only", "downstream"]) == 0
+    script = code_fingerprint(tmp_path / "studies" / "downstream.py")
+    assert script != probe.fingerprint()
+    pd.DataFrame({"run_id": ["a", "p"], COLUMN: [made[0], script]}).to_csv(downstream, index=False)
+    assert mf.main(["--check", "--only", "downstream"]) == 1
+    assert "results/downstream.csv: 1 of 2 rows made by other code" in capsys.readouterr().out
+    downstream.unlink()
     assert mf.main(["--check", "--only", "continual"]) == 0
     assert mf.main(["--check"]) == 1
     out = capsys.readouterr().out

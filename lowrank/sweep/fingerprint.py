@@ -6,7 +6,8 @@ it (they set the torch threads), every variant and every task (both registries i
 modules by name), with the modules
 these import inside lowrank, followed statically (a package imported by name brings its
 ``__init__``; lowrank's own ``__init__`` only re-exports and is left out), and for rows a study
-computes itself, the study's script. Each file counts as its syntax tree without docstrings, so
+computes itself, the code that computes them (the study's script, or a module of its own such as
+:mod:`lowrank.probe`). Each file counts as its syntax tree without docstrings, so
 reformatting, comments and documentation change nothing, while any change to what the code does
 changes the hash. Presentation (figures, the command line, adapter files, statistics) is outside
 it: redrawing a figure or fixing a message does not make hours of runs stale.
