@@ -264,7 +264,7 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
     runs = tuned_rows(planned)
     runs["lr_status"] = runs[GROUP].map(status)
     probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
-    df = pd.concat([runs, df[(df["variant"] == "probe") & df["task_options"].isin(probes)]])
+    df = pd.concat([runs, df[(df["variant"] == probe.VARIANT) & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
     opts = df["task_options"].map(json.loads)
     df["dataset"] = opts.map(lambda o: o["dataset"])
@@ -431,7 +431,7 @@ def table(
         )
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
-            role = {"probe": "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
+            role = {probe.VARIANT: "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
             mark = {"interior": "", "flat": "‡"}.get(r.lr_status, "†")
             rate = "—" if pd.isna(r.lr) else f"{r.lr:.2g}{mark}"
             lines.append(
@@ -491,10 +491,10 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None
     datasets = list(dict.fromkeys(df["dataset"]))
     if not datasets:
         raise ValueError("no finished runs to plot; run the study first")
-    styles = plots.style_for([v for v in df["variant"].unique() if v != "probe"])
+    styles = plots.style_for([v for v in df["variant"].unique() if v != probe.VARIANT])
     tags = []  # (panel, x, y, rank tags), placed once the layout is final
     # the rank most variants ran at (ties: the smallest) is not tagged
-    shared = df[df["variant"] != "probe"].dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
+    shared = df[df["variant"] != probe.VARIANT].dropna(subset=["rank"]).groupby("rank")["variant"].nunique()
     usual = shared.idxmax() if len(shared) else np.nan
     with plots.panels(len(datasets), 2, 2.5 * len(datasets) + 0.4) as (fig, axes):
         for row, dataset in zip(axes, datasets):
@@ -509,14 +509,14 @@ def figure(df: pd.DataFrame, stem: str | os.PathLike, diffs: pd.DataFrame | None
                 )
                 .reset_index()
             )
-            baseline = s[s["variant"] == "probe"]
-            runs = s[s["variant"] != "probe"]
+            baseline = s[s["variant"] == probe.VARIANT]
+            runs = s[s["variant"] != probe.VARIANT]
             for ax, col, xlabel, title in (
                 (row[0], "params", "trainable parameters", "accuracy by trainable parameters"),
                 (row[1], "mem", "peak memory of the run (MiB)", "accuracy by peak memory"),
             ):
                 for _, p in baseline.iterrows():
-                    plots.reference(ax, p["mean"], label=plots.label("probe"), color="0.4")
+                    plots.reference(ax, p["mean"], label=plots.label(probe.VARIANT), color="0.4")
                 for _, r in runs.iterrows():
                     ax.errorbar(
                         r[col],
