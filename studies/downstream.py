@@ -255,10 +255,13 @@ def probe_options(args: argparse.Namespace, dataset: str) -> dict:
     return {"dataset": dataset, "max_train": args.max_train, "max_eval": args.max_eval}
 
 
-def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> pd.DataFrame:
+def reported(
+    df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace, train_sizes: dict[str, int]
+) -> pd.DataFrame:
     """The planned runs at their dev-tuned learning rates (every seed), with where that rate
     sits among those tried (``lr_status``: :func:`lowrank.sweep.search_status`), and the probes
-    of the planned datasets, with dataset, epochs and seconds per epoch."""
+    of the planned datasets, with dataset, epochs (steps × batch / ``train_sizes[dataset]``, the
+    sentences its training split holds) and seconds per epoch."""
     planned = df[df[GROUP].isin({s.group_id for s in specs})]
     status = search_status(planned).set_index("group")["status"]
     runs = tuned_rows(planned)
@@ -266,9 +269,8 @@ def reported(df: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -
     probes = {json.dumps(probe_options(args, d), sort_keys=True) for d in args.datasets}
     df = pd.concat([runs, df[(df["variant"] == probe.VARIANT) & df["task_options"].isin(probes)]])
     df = df[df["status"] == "ok"].copy()
-    opts = df["task_options"].map(json.loads)
-    df["dataset"] = opts.map(lambda o: o["dataset"])
-    df["epochs"] = df["steps"] * df["batch_size"] / opts.map(lambda o: o["max_train"])
+    df["dataset"] = df["task_options"].map(lambda o: json.loads(o)["dataset"])
+    df["epochs"] = df["steps"] * df["batch_size"] / df["dataset"].map(train_sizes)
     df["seconds_per_epoch"] = df["train_seconds"] / df["epochs"]
     return df
 
@@ -615,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     df = study.results(args, run)
     if df is None:
         return 1
-    rows = reported(df, specs, args)
+    tasks = {d: lr.tasks.get("text", **probe_options(args, d)) for d in args.datasets}
+    rows = reported(df, specs, args, {d: len(t.split("train")) for d, t in tasks.items()})
     diffs = comparisons(rows, references)
-    sizes = {d: len(lr.tasks.get("text", **probe_options(args, d)).split("test")) for d in args.datasets}
+    sizes = {d: len(t.split("test")) for d, t in tasks.items()}
     searches = searched(df, specs, roles)
     text = table(rows, roles, model_params, args, diffs, sizes)
     print(text)  # finish prints the search summary after it

@@ -94,6 +94,12 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert fig.with_suffix(".png").exists() and len(pd.read_csv(out)) == len(df)
     assert table.read_text() == md
+    # an epoch is the training split, which can hold fewer sentences than --max-train asks for
+    quick = study().parse(args)
+    rows = study().reported(read_results(out), study().plan(quick)[0], quick, {"trec": 16})
+    runs = rows[rows["variant"] != "probe"]
+    assert len(runs) == 2 and (runs["epochs"] == 4 * 16 / 16).all()  # 4 steps × 16, 16 sentences
+    assert np.allclose(runs["seconds_per_epoch"], runs["train_seconds"] / 4)
 
     # --intervals: the same plan with per-example predictions (new runs beside the old ones)
     res = subprocess.run(
