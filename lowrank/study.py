@@ -198,16 +198,21 @@ def rank_free(names: Iterable[str]) -> set[str]:
     return {v for v in set(names) if not variant_class(v).takes_rank}
 
 
-def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
-    """How the command line's sweep runs: --lr-extend, --workers, --executor, --scheduler, and a
-    progress bar unless --quiet (the keywords of :func:`lowrank.sweep.tuned_sweep`)."""
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the command line's runs are executed: --workers, --executor, --scheduler, and a
+    progress bar unless --quiet (the keywords of :func:`lowrank.sweep.sweep`)."""
     return {
-        "extend": args.lr_extend,
         "workers": args.workers,
         "progress": not args.quiet,
         "executor": getattr(args, "executor", "local"),
         "scheduler": getattr(args, "scheduler", None),
     }
+
+
+def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """How the command line's learning-rate search runs: --lr-extend and :func:`run_options`
+    (the keywords of :func:`lowrank.sweep.tuned_sweep`)."""
+    return {"extend": args.lr_extend, **run_options(args)}
 
 
 def tuned(

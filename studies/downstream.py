@@ -19,7 +19,10 @@ paper_figures/downstream.{pdf,png} (accuracy vs trainable parameters and vs peak
 the Pareto front). With --intervals every run also records its per-example test predictions
 (`test_correct`), and the table and paper_figures/downstream_intervals.{pdf,png} give each
 variant's difference from LoRA at the matched budget with a 95 % paired-bootstrap interval
-(test examples resampled, seeds paired) and a Holm-adjusted p-value.
+(test examples resampled, seeds paired) and a Holm-adjusted p-value. With --budget-check
+(on in --paper) LoRA at the first budget is also trained for twice --steps at its chosen rate,
+every seed (results/<name>_budget.csv), and the table says how much its dev and test accuracy
+gain from the doubled budget: whether the comparison's budget converged.
 
     python studies/downstream.py               # reduced default: 3 variants, 2 seeds, < 15 min
     python studies/downstream.py --paper       # the README table (results/downstream_paper.*):
@@ -37,6 +40,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +58,12 @@ from lowrank.sweep import (
     saved_results,
     search_status,
     search_summary,
+    sweep,
     tuned_rows,
 )
 
 ADAPTER_TARGETS = ["query", "value"]
+BUDGET_CHECK = 2  # --budget-check trains the reference this many times as long
 DEFAULTS = {
     "datasets": ["movies", "trec"],
     "variants": ["lora", "vera", "full"],
@@ -84,6 +90,7 @@ PRESETS = {
             "max_eval": 1000,
             "group_by_length": True,
             "intervals": True,
+            "budget_check": True,
         },
     ),
     "quick": (
@@ -142,6 +149,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "bootstrap interval and a Holm-adjusted p-value (table and "
         "<figure>_intervals)",
     )
+    p.add_argument(
+        "--budget-check",
+        action="store_true",
+        help=f"also train LoRA at the first --budgets rank for {BUDGET_CHECK}× --steps at its chosen "
+        "learning rate, every seed (into <out>_budget.csv), and say under each table how much "
+        "its dev and test accuracy gain: whether the budget converged",
+    )
     p.add_common(workers="parallel training processes")
     p.add_argument(
         "--table",
@@ -152,9 +166,87 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.table = args.table or p.results / f"{args.run_name}.md"
+    args.budget_out = args.out.with_name(f"{args.out.stem}_budget.csv")
+    if args.budget_check:
+        args.resumes.append(args.budget_out)
     if any(lr.variant_class(v).takes_rank for v in args.variants) and not args.budgets + args.ranks:
         p.error("give at least one --budgets or --ranks value for the adapter variants")
     return args
+
+
+def longer_specs(chosen: pd.DataFrame, specs: list[RunSpec], args: argparse.Namespace) -> list[RunSpec]:
+    """LoRA at the first budget, every dataset and seed, at the learning rate its search chose
+    (``chosen``: :func:`lowrank.sweep.tuned_sweep`'s rows), for :data:`BUDGET_CHECK` × the steps."""
+    rate = dict(zip(chosen[GROUP], chosen["lr"]))
+    return [
+        replace(
+            s, seed=k, lr=float(rate[s.group_id]), train={**s.train, "steps": BUDGET_CHECK * s.train["steps"]}
+        )
+        for s in specs
+        if s.variant == "lora" and args.budgets and s.rank == args.budgets[0] and s.group_id in rate
+        for k in range(args.seeds)
+    ]
+
+
+def budget_gain(rows: pd.DataFrame, longer: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """Per dataset, LoRA at the first budget trained for longer (``longer``: the rows of
+    :func:`longer_specs`) against its reported runs (``rows``: :func:`reported`) over the seeds
+    both ran: mean dev and test accuracy of each, and the test difference (longer − reported) in
+    points with its 95 % paired-bootstrap interval (:func:`lowrank.stats.paired_bootstrap`;
+    NaN where a run did not record ``test_correct``)."""
+    longer = longer[longer["status"] == "ok"]
+    longer = longer.assign(dataset=longer["task_options"].map(lambda o: json.loads(o)["dataset"]))
+    short = rows[(rows["variant"] == "lora") & (rows["rank"] == (args.budgets or [None])[0])]
+    out = []
+    for dataset, long_ in longer.groupby("dataset", sort=False):
+        a = long_.set_index("seed")
+        b = short[short["dataset"] == dataset].set_index("seed")
+        seeds = sorted(set(a.index) & set(b.index))
+        if not seeds:
+            continue
+        a, b = a.loc[seeds], b.loc[seeds]
+        row = {
+            "dataset": dataset,
+            "steps": int(b["steps"].iloc[0]),
+            "long_steps": int(a["steps"].iloc[0]),
+            "seeds": len(seeds),
+            "dev": b["dev_accuracy"].mean(),
+            "dev_long": a["dev_accuracy"].mean(),
+            "test": b["test_accuracy"].mean(),
+            "test_long": a["test_accuracy"].mean(),
+            "diff": np.nan,
+            "low": np.nan,
+            "high": np.nan,
+        }
+        if a["test_correct"].notna().all() and b["test_correct"].notna().all():
+            c = paired_bootstrap(
+                np.stack(a["test_correct"].map(decode_correct)),
+                np.stack(b["test_correct"].map(decode_correct)),
+                n_boot=N_BOOT,
+            )
+            row.update(diff=100 * c.diff, low=100 * c.low, high=100 * c.high)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _budget_line(budget: pd.DataFrame | None, dataset: str, args: argparse.Namespace) -> list[str]:
+    """The line under a dataset's table with its :func:`budget_gain` (none without one)."""
+    found = budget[budget["dataset"] == dataset] if budget is not None and not budget.empty else []
+    if len(found) == 0:
+        return []
+    g = found.iloc[0]
+    gap = (
+        ""
+        if pd.isna(g["diff"])
+        else f"; test Δ {g['diff']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}] points (95 % paired bootstrap)"
+    )
+    return [
+        "",
+        f"Budget check: trained for {g['long_steps']:,} steps instead of {g['steps']:,} at the same "
+        f"learning rate, LoRA r={args.budgets[0]} reaches dev {g['dev_long']:.3f} and test "
+        f"{g['test_long']:.3f}, against {g['dev']:.3f} and {g['test']:.3f} (mean over "
+        f"{g['seeds']} seeds){gap}.",
+    ]
 
 
 def lr_grid(args: argparse.Namespace, variant: str) -> list[float]:
@@ -383,6 +475,7 @@ def table(
     args: argparse.Namespace,
     diffs: pd.DataFrame | None = None,
     test_sizes: dict[str, int] | None = None,
+    budget: pd.DataFrame | None = None,
 ) -> str:
     """Markdown: per dataset, mean ± std over seeds of test accuracy and macro-F1, and costs
     (seconds per epoch: the median over seeds, robust to one run slowed by other work on the
@@ -390,7 +483,8 @@ def table(
     search tried marked †, one from a flat search (every rate scored the same) ‡.
     ``test_sizes``: test sentences per dataset, said under its heading (and whether the split held
     fewer than --max-eval asks for); when the runs recorded dev curves, LoRA's at the first
-    budget, mean over seeds, under its table. With ``diffs`` (:func:`comparisons`, not empty),
+    budget, mean over seeds, under its table, and what a longer budget gains (``budget``:
+    :func:`budget_gain`). With ``diffs`` (:func:`comparisons`, not empty),
     each compared row's difference from LoRA with its interval and Holm-adjusted p, * where
     significant."""
     show = diffs is not None and not diffs.empty
@@ -443,7 +537,11 @@ def table(
                 + f"{r.f1:.3f} ± {np.nan_to_num(r.f1_sd):.3f} | {rate} | "
                 f"{'—' if pd.isna(r.spe) else f'{r.spe:.0f}'} | {r.mem:.0f} | {r.n} |"
             )
-        lines += [*_convergence(curves[curves["dataset"] == dataset], args), ""]
+        lines += [
+            *_convergence(curves[curves["dataset"] == dataset], args),
+            *_budget_line(budget, dataset, args),
+            "",
+        ]
     if args.lr_grid == study.AUTO:
         lines.append(
             "† the best of the searched learning rates is at the edge of those tried "
@@ -609,7 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     specs, roles, model_params, references = plan(args)
 
     def run() -> pd.DataFrame:  # the table needs every row of the CSV, probes included
-        study.tuned(args, specs, grid=lambda s: lr_grid(args, s.variant))
+        chosen = study.tuned(args, specs, grid=lambda s: lr_grid(args, s.variant))
+        longer = longer_specs(chosen, specs, args) if args.budget_check else []
+        if longer:
+            desc = f"budget check, {BUDGET_CHECK}× steps"
+            sweep(longer, args.budget_out, desc=desc, **study.run_options(args))
         if not args.no_probe:
             probe.add_probes(args.out, [probe_options(args, d) for d in args.datasets])
         return saved_results(args.out)
@@ -622,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     diffs = comparisons(rows, references)
     sizes = {d: len(t.split("test")) for d, t in tasks.items()}
     searches = searched(df, specs, roles)
-    text = table(rows, roles, model_params, args, diffs, sizes)
+    found = args.budget_check and args.budget_out.exists()
+    budget = budget_gain(rows, saved_results(args.budget_out), args) if found else None
+    text = table(rows, roles, model_params, args, diffs, sizes, budget)
     print(text)  # finish prints the search summary after it
     return study.finish(
         args,

@@ -36,7 +36,10 @@ FIGURES = [
 ]
 OPTIONAL = {("downstream", "--paper")}
 # CSVs a study resumes from besides the one it draws (checked by --check, not drawn)
-RESUMED = [("spectra", [], "results/spectra_runs.csv")]
+RESUMED = [
+    ("spectra", [], "results/spectra_runs.csv"),
+    ("downstream", ["--paper"], "results/downstream_paper_budget.csv"),
+]
 # the lowrank module (beside the run code) that makes the rows a study computes itself, where
 # that is not the study's script: the downstream study's linear probes
 OWN_ROWS = {"downstream": "probe"}

@@ -124,6 +124,26 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     )
     assert res.returncode == 0 and table.read_text() == md, res.stderr[-3000:]
 
+    # --budget-check: LoRA again at its chosen rate for twice the steps; the table says the gain
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--intervals", "--budget-check"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    longer = read_results(tmp_path / "d_budget.csv")
+    assert len(read_results(out)) == len(new)  # nothing added to the study's own CSV
+    assert longer[["variant", "rank", "seed", "steps", "lr"]].values.tolist() == [["lora", 2, 0, 8, 3e-3]]
+    reference = new[(new["variant"] == "lora") & new["test_correct"].notna()].iloc[0]
+    line = (
+        f"Budget check: trained for 8 steps instead of 4 at the same learning rate, LoRA r=2 "
+        f"reaches dev {longer['dev_accuracy'][0]:.3f} and test {longer['test_accuracy'][0]:.3f}, "
+        f"against {reference['dev_accuracy']:.3f} and {reference['test_accuracy']:.3f} (mean over 1 seeds); "
+        f"test Δ {100 * (longer['test_accuracy'][0] - reference['test_accuracy']):+.1f} ["
+    )
+    assert line in table.read_text()
+
 
 def test_help_and_bad_input():
     res = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
@@ -141,6 +161,10 @@ def test_paper_preset_searches_each_variant_around_its_own_centre_and_groups_bat
     assert ds.lr_grid(args, "dora") == [3.16228e-3, 1e-2, 3.16228e-2]
     assert ds.lr_grid(ds.parse(["--paper", "--lr-grid", "1e-3", "1e-2"]), "full") == [1e-3, 1e-2]
     assert not ds.parse([]).group_by_length
+    # --paper checks its budget: LoRA r=8 also at 1,200 steps, in a CSV --fresh also sets aside
+    assert args.budget_check and not ds.parse([]).budget_check
+    assert args.budget_out == args.out.with_name("downstream_paper_budget.csv")
+    assert args.resumes == [args.out, args.budget_out] and ds.parse([]).resumes == [ds.parse([]).out]
     assert ds.parse(["--paper", "--no-group-by-length"]).group_by_length is False
     specs, _, _, references = ds.plan(ds.parse(["--paper", "--variants", "lora", "full", "vera", "--ranks"]))
     assert [s.train["group_by_length"] for s in specs] == [True] * 6  # 2 datasets × 3 methods
@@ -253,6 +277,39 @@ def test_differences_from_lora_are_zero_for_identical_predictions_and_marked_for
     paths = ds.figure(rows, tmp_path / "d", diffs=ds.comparisons(rows, references))
     assert [p.name for p in paths] == ["d.pdf", "d.png", "d_intervals.pdf", "d_intervals.png"]
     assert_figure(tmp_path / "d_intervals")
+
+
+def test_budget_gain_pairs_seeds_and_bounds_a_planted_gain():
+    """Trained longer, LoRA is right on 100 more of 2,000 test sentences at each of 2 seeds (+5
+    points): the interval holds +5 and excludes 0; a seed only the longer runs have is left out."""
+    ds = study()
+    args = ds.parse(["--budgets", "8"])
+    rng = np.random.default_rng(0)
+    short, long_ = [], []
+    for seed in (0, 1):
+        base = (rng.random(2000) < 0.8).astype(int)
+        gained = base.copy()
+        gained[np.flatnonzero(base == 0)[:100]] = 1
+        common = {"variant": "lora", "rank": 8, "seed": seed, "dev_accuracy": 0.7 + seed / 10}
+        short.append(
+            {
+                **common,
+                "dataset": "trec",
+                "steps": 600,
+                "test_accuracy": base.mean(),
+                "test_correct": encode_correct(base),
+            }
+        )
+        long_.append(
+            {**common, "steps": 1200, "test_accuracy": gained.mean(), "test_correct": encode_correct(gained)}
+        )
+    long_.append({**long_[0], "seed": 2})
+    longer = pd.DataFrame(long_).assign(status="ok", task_options='{"dataset": "trec"}')
+    g = ds.budget_gain(pd.DataFrame(short), longer, args).iloc[0]
+    assert (g["steps"], g["long_steps"], g["seeds"]) == (600, 1200, 2)
+    assert g["diff"] == pytest.approx(5.0, abs=1e-9) and g["low"] > 0 and g["low"] < 5 < g["high"]
+    assert g["dev"] == g["dev_long"] == pytest.approx(0.75)
+    assert ds.budget_gain(pd.DataFrame(short), longer.iloc[2:], args).empty  # no seed in common
 
 
 def test_the_auto_grid_and_the_extension_are_what_the_table_says():

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from studyutil import load_study
+
+from lowrank import ablation
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,3 +88,15 @@ def test_every_committed_csv_was_made_by_the_code_at_hand():
     }  # those are .gitignored
     assert {line.split(":")[0].removeprefix("results/") for line in checked} == committed
     assert all(": 0 of " in line for line in checked), res.stdout
+
+
+def test_every_csv_a_study_resumes_from_is_checked():
+    """A CSV a study resumes from (``args.resumes``) but does not draw, like the downstream
+    --paper budget check's, is in ``RESUMED``, so ``--check`` covers its rows too."""
+    figures = load_study("make_figures.py")
+    known = {ROOT / csv for _, _, csv in [*figures.FIGURES, *figures.RESUMED]}
+    for name, extra, _ in figures.FIGURES:
+        study = load_study(f"{name}.py")
+        parse = getattr(study, "parse", None) or ablation.parser(ROOT).parse_args  # rank_ablation
+        args = parse(extra)
+        assert set(args.resumes) <= known, (name, extra, set(args.resumes) - known)
