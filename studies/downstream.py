@@ -229,6 +229,11 @@ def budget_gain(rows: pd.DataFrame, longer: pd.DataFrame, args: argparse.Namespa
     return pd.DataFrame(out)
 
 
+def _over(seeds: int) -> str:
+    """How many seeds a mean is over, in words: "mean over 3 seeds", or "1 seed"."""
+    return f"mean over {seeds} seeds" if seeds > 1 else "1 seed"
+
+
 def _budget_line(budget: pd.DataFrame | None, dataset: str, args: argparse.Namespace) -> list[str]:
     """The line under a dataset's table with its :func:`budget_gain` (none without one)."""
     found = budget[budget["dataset"] == dataset] if budget is not None and not budget.empty else []
@@ -244,8 +249,7 @@ def _budget_line(budget: pd.DataFrame | None, dataset: str, args: argparse.Names
         "",
         f"Budget check: trained for {g['long_steps']:,} steps instead of {g['steps']:,} at the same "
         f"learning rate, LoRA r={args.budgets[0]} reaches dev {g['dev_long']:.3f} and test "
-        f"{g['test_long']:.3f}, against {g['dev']:.3f} and {g['test']:.3f} (mean over "
-        f"{g['seeds']} seeds){gap}.",
+        f"{g['test_long']:.3f}, against {g['dev']:.3f} and {g['test']:.3f} ({_over(g['seeds'])}){gap}.",
     ]
 
 
@@ -463,8 +467,8 @@ def _convergence(curves: pd.DataFrame, args: argparse.Namespace) -> list[str]:
     by_step = ", ".join(f"{k} {m:.3f}" for k, m in zip(ref["step"], ref["mean"]))
     return [
         "",
-        f"Convergence: LoRA r={args.budgets[0]}'s dev accuracy by training step, mean over "
-        f"{ref['seeds'].max()} seeds: {by_step} (every row's curve: the `_curves` figure).",
+        f"Convergence: LoRA r={args.budgets[0]}'s dev accuracy by training step, "
+        f"{_over(ref['seeds'].max())}: {by_step} (every row's curve: the `_curves` figure).",
     ]
 
 
@@ -577,6 +581,8 @@ def table(
             + ", in points, mean over the seeds both ran (paired by seed) and the test examples; "
             f"95 % interval from a paired bootstrap of the test examples ({N_BOOT:,} replicates), "
             "so it measures the test sample; the training runs' own spread is the ± std over seeds; "
+            "the interval is not adjusted for multiple comparisons, so it can exclude 0 while the "
+            f"Holm p is above {ALPHA:g}; "
             f"p (Holm): two-sided, Holm-adjusted over {family}; * p < {ALPHA:g}."
         )
     return "\n".join(lines)

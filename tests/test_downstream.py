@@ -139,7 +139,7 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     line = (
         f"Budget check: trained for 8 steps instead of 4 at the same learning rate, LoRA r=2 "
         f"reaches dev {longer['dev_accuracy'][0]:.3f} and test {longer['test_accuracy'][0]:.3f}, "
-        f"against {reference['dev_accuracy']:.3f} and {reference['test_accuracy']:.3f} (mean over 1 seeds); "
+        f"against {reference['dev_accuracy']:.3f} and {reference['test_accuracy']:.3f} (1 seed); "
         f"test Δ {100 * (longer['test_accuracy'][0] - reference['test_accuracy']):+.1f} ["
     )
     assert line in table.read_text()
