@@ -546,22 +546,24 @@ def table(
             *_budget_line(budget, dataset, args),
             "",
         ]
-    if args.lr_grid == study.AUTO:
+    grid = (
+        f"--lr-grid auto: {arguments.AUTO_POINTS} rates half a decade apart around "
+        f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale"
+        if args.lr_grid == study.AUTO
+        else f"the grid {', '.join(f'{x:g}' for x in args.lr_grid)}"
+    )
+    extended = (
+        f" A search whose best rate was at an edge stepped past it, up to {args.lr_extend} times"
+        if args.lr_extend
+        else ""
+    )
+    if (df["lr"].notna() & ~df["lr_status"].isin(["interior", "flat"])).any():
         lines.append(
-            "† the best of the searched learning rates is at the edge of those tried "
-            f"(--lr-grid auto: {arguments.AUTO_POINTS} rates half a decade apart around "
-            f"{lr.tasks.task_class('text').lr_centre:g} × the variant's lr_scale)."
+            f"† the best of the searched learning rates is at the edge of those tried ({grid})."
+            + (f"{extended}; † marks the edge of the rates it tried." if extended else "")
         )
-    else:
-        lines.append(
-            f"† the best of the searched learning rates "
-            f"({', '.join(f'{x:g}' for x in args.lr_grid)}) is at the edge of the grid."
-        )
-    if args.lr_extend:
-        lines[-1] += (
-            f" A search whose best rate was at an edge stepped past it, up to "
-            f"{args.lr_extend} times; † marks the edge of the rates it tried."
-        )
+    else:  # no † in the table: say only how the rates were searched
+        lines.append(f"Learning rates searched on dev: {grid}.{extended and extended + '.'}")
     if (df["lr_status"] == "flat").any():
         lines.append(
             "‡ every learning rate the search tried gave the same dev accuracy (a flat search), "

@@ -75,7 +75,7 @@ def test_quick_run_writes_csv_table_and_figure_and_redraws(tmp_path):
     md = table.read_text()
     assert "| VeRA | 384 | budget of LoRA r=2 (closest it can reach) |" in md
     assert "| linear probe | — | baseline |" in md
-    assert "† the best of the searched learning rates (0.003) is at the edge" in md
+    assert "† the best of the searched learning rates is at the edge of those tried (the grid 0.003)." in md
     assert "Test set: 48 sentences." in md  # --max-eval 48 of TREC's 538
     # where every choice sits among the rates tried, under the table and once in the output
     summary = re.search(r"\n\n(\d+ learning-rate choices: .*)\.\n$", md)
@@ -338,6 +338,13 @@ def test_the_auto_grid_and_the_extension_are_what_the_table_says():
         "auto: 3 rates half a decade apart around 0.01 × the variant's lr_scale). A search "
         "whose best rate was at an edge stepped past it, up to 2 times;"
     ) in md
+    # with every rate interior there is no † in the table, so no † footnote: only how it searched
+    interior = ds.table(rows.assign(lr_status="interior"), {}, 10_000, args)
+    assert "†" not in interior
+    assert (
+        "Learning rates searched on dev: --lr-grid auto: 3 rates half a decade apart around 0.01 × "
+        "the variant's lr_scale. A search whose best rate was at an edge stepped past it, up to 2 times."
+    ) in interior
 
 
 def test_the_table_says_each_test_set_size_and_marks_a_flat_search():
