@@ -472,6 +472,11 @@ def _convergence(curves: pd.DataFrame, args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _lr_mark(status: str) -> str:
+    """The table's mark after a tuned rate: none if interior, ‡ if the search was flat, † at an edge."""
+    return {"interior": "", "flat": "‡"}.get(status, "†")
+
+
 def table(
     df: pd.DataFrame,
     roles: dict,
@@ -532,7 +537,7 @@ def table(
         for r in summary.itertuples():
             rank = None if pd.isna(r.rank) else int(r.rank)
             role = {probe.VARIANT: "baseline"}.get(r.variant, roles.get((r.variant, rank), ""))
-            mark = {"interior": "", "flat": "‡"}.get(r.lr_status, "†")
+            mark = _lr_mark(r.lr_status)
             rate = "—" if pd.isna(r.lr) else f"{r.lr:.2g}{mark}"
             lines.append(
                 f"| {plots.label(r.variant)} | {rank or '—'} | {role} | {int(r.params):,} | "
@@ -553,18 +558,19 @@ def table(
         else f"the grid {', '.join(f'{x:g}' for x in args.lr_grid)}"
     )
     extended = (
-        f" A search whose best rate was at an edge stepped past it, up to {args.lr_extend} times"
+        f"A search whose best rate was at an edge stepped past it, up to {args.lr_extend} times"
         if args.lr_extend
         else ""
     )
-    if (df["lr"].notna() & ~df["lr_status"].isin(["interior", "flat"])).any():
+    marks = set(df.loc[df["lr"].notna(), "lr_status"].map(_lr_mark))
+    if "†" in marks:
         lines.append(
             f"† the best of the searched learning rates is at the edge of those tried ({grid})."
-            + (f"{extended}; † marks the edge of the rates it tried." if extended else "")
+            + (f" {extended}; † marks the edge of the rates it tried." if extended else "")
         )
     else:  # no † in the table: say only how the rates were searched
-        lines.append(f"Learning rates searched on dev: {grid}.{extended and extended + '.'}")
-    if (df["lr_status"] == "flat").any():
+        lines.append(f"Learning rates searched on dev: {grid}." + (f" {extended}." if extended else ""))
+    if "‡" in marks:
         lines.append(
             "‡ every learning rate the search tried gave the same dev accuracy (a flat search), "
             "so the lowest was kept and the search was not extended."
